@@ -1,0 +1,197 @@
+"""End-to-end test of the README's main command on this machine.
+
+Runs `ansible-playbook site.yml -i inventory/local` for real (the docker role installs the engine,
+images are built locally) and checks what a user would: limits, health, a completed federated run,
+Prometheus series, dashboards, idempotence, and that broken inventories fail before any change.
+The tests run in file order and share the lab brought up by the first one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import (
+    LOCAL_INVENTORY,
+    ROOT,
+    docker,
+    inspect,
+    inventory_vars,
+    lab_containers,
+    parse_memory,
+    prom_query,
+    recap,
+    run_site,
+    wait_for,
+)
+
+SUPERLINK = "flowerlab-superlink"
+PROMETHEUS_URL = "http://127.0.0.1:9090"
+
+
+def flwr_runs() -> list[dict]:
+    out = docker("exec", SUPERLINK, "flwr", "ls", "lab", "--format", "json")
+    return json.loads(out)["runs"]
+
+
+def clients_of(hostvars: dict) -> dict[str, dict]:
+    """Client name -> effective settings (tier values with the client's overrides)."""
+    clients = {}
+    for host, hv in hostvars.items():
+        tiers = hv["lab_tiers"]
+        for client in hv.get("lab_clients", []):
+            clients[client["name"]] = {**tiers[client["tier"]], **client, "host": host}
+    return clients
+
+
+@pytest.fixture(scope="module")
+def lab():
+    first = run_site(LOCAL_INVENTORY)
+    assert first.returncode == 0, "site.yml failed on inventory/local"
+    hostvars = inventory_vars(LOCAL_INVENTORY)
+    return {"first": first, "clients": clients_of(hostvars)}
+
+
+def test_first_run_brings_up_the_lab(lab):
+    counts = recap(lab["first"].stdout)
+    assert counts, "no PLAY RECAP in the output"
+    assert all(c["failed"] == 0 and c["unreachable"] == 0 for c in counts.values()), counts
+    assert "summary" in lab["first"].stdout.lower()
+
+
+def test_second_run_changes_nothing_and_leaves_the_run_alone(lab):
+    runs_before = flwr_runs()
+    assert len(runs_before) == 1, f"expected exactly one run started by site.yml, got {runs_before}"
+    containers_before = lab_containers()
+    second = run_site(LOCAL_INVENTORY)
+    assert second.returncode == 0
+    counts = recap(second.stdout)
+    assert all(c["changed"] == 0 for c in counts.values()), f"second run changed something: {counts}"
+    assert lab_containers() == containers_before, "a container was recreated or restarted"
+    runs_after = flwr_runs()
+    assert [r["run-id"] for r in runs_after] == [r["run-id"] for r in runs_before]
+    assert "failed" not in runs_after[0]["status"], runs_after[0]
+
+
+def test_client_containers_carry_their_tier_limits(lab):
+    assert len(lab["clients"]) >= 3
+    assert len({c["tier"] for c in lab["clients"].values()}) >= 3, "inventory/local needs three tiers"
+    for name, client in lab["clients"].items():
+        host_config = inspect(f"flowerlab-supernode-{name}")["HostConfig"]
+        assert host_config["NanoCpus"] == round(float(client["cpus"]) * 1e9), name
+        assert host_config["Memory"] == parse_memory(client["memory"]), name
+        assert not any("docker.sock" in b for b in host_config.get("Binds") or []), name
+
+
+def test_superlink_is_healthy(lab):
+    assert inspect(SUPERLINK)["State"]["Health"]["Status"] == "healthy"
+
+
+def test_federated_run_completes_with_every_client(lab):
+    def finished():
+        run = flwr_runs()[0]
+        return run if run["status"].startswith("finished") else None
+
+    run = wait_for("the federated run to finish", finished, timeout=1500, interval=10)
+    assert run["status"] == "finished:completed", run
+    lab["run_id"] = run["run-id"]
+    history = json.loads(docker("exec", SUPERLINK, "cat", f"/results/{run['run-id']}/history.json"))
+    rounds = history["rounds"]
+    assert len(rounds) == history["num_rounds"] >= 2
+    for entry in rounds:
+        assert set(entry["clients"]) == set(lab["clients"]), entry
+
+
+def test_prometheus_has_app_and_exporter_series(lab):
+    assert prom_query(PROMETHEUS_URL, "model_accuracy"), "no model_accuracy series"
+    for metric in ("flowerlab_client_fit_seconds", "flowerlab_client_memory_limit_bytes"):
+        series = wait_for(
+            f"{metric} for every client",
+            lambda m=metric: (
+                s if {r["metric"].get("client") for r in (s := prom_query(PROMETHEUS_URL, m))} >= set(lab["clients"])
+                else None
+            ),
+            timeout=120,
+        )
+        assert series
+    up = prom_query(PROMETHEUS_URL, 'up{job="node"}')
+    assert up and all(r["value"][1] == "1" for r in up), up
+
+
+def test_every_dashboard_expression_is_accepted_by_the_lab_prometheus(lab):
+    env = dict(os.environ, FLOWERLAB_PROMETHEUS_URL=PROMETHEUS_URL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "check_dashboards.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    print(proc.stdout[-4000:])
+    assert proc.returncode == 0
+
+
+def test_grafana_provisioning_files_parse(lab):
+    provisioning = ROOT.joinpath("/var/lib/flowerlab/grafana/provisioning")
+    files = sorted(provisioning.rglob("*.yml")) + sorted(provisioning.rglob("*.yaml"))
+    assert files, f"no provisioning files under {provisioning}"
+    for f in files:
+        assert yaml.safe_load(f.read_text()), f
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown tier", "malformed memory", "cpus above cores", "duplicate client", "memory above host"]
+)
+def test_broken_inventory_fails_before_any_change(lab, inventory_copy, case):
+    hostvars = inventory_vars(LOCAL_INVENTORY)["localhost"]
+    first_client = hostvars["lab_clients"][0]
+    host_vars = inventory_copy / "host_vars" / "localhost.yml"
+    data = yaml.safe_load(host_vars.read_text())
+    if case == "unknown tier":
+        data["lab_clients"][0]["tier"] = "quantum"
+        expect = ["quantum", first_client["name"], "tier"]
+    elif case == "malformed memory":
+        data["lab_clients"][0]["memory"] = "3x"
+        expect = ["3x", first_client["name"], "memory"]
+    elif case == "cpus above cores":
+        data["lab_clients"][0]["cpus"] = 64
+        expect = [first_client["name"], "cpus"]
+    elif case == "duplicate client":
+        data["lab_clients"].append(dict(data["lab_clients"][0]))
+        expect = [first_client["name"], "twice"]
+    else:
+        data["lab_clients"][0]["memory"] = "100000g"
+        expect = ["memory", "localhost"]
+    host_vars.write_text(yaml.safe_dump(data))
+    before = lab_containers()
+    proc = run_site(inventory_copy)
+    assert proc.returncode != 0, f"{case}: site.yml accepted a broken inventory"
+    for word in expect:
+        assert word in proc.stdout, f"{case}: the error does not name {word!r}"
+    assert "TASK [docker" not in proc.stdout, f"{case}: the play went past the preflight"
+    assert lab_containers() == before, f"{case}: a container changed"
+
+
+def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
+    hostvars = inventory_vars(LOCAL_INVENTORY)["localhost"]
+    tiers = hostvars["lab_tiers"]
+    target = hostvars["lab_clients"][0]
+    new_tier = next(t for t in tiers if t != target["tier"] and tiers[t]["cpus"] != tiers[target["tier"]]["cpus"])
+    host_vars = inventory_copy / "host_vars" / "localhost.yml"
+    data = yaml.safe_load(host_vars.read_text())
+    data["lab_clients"][0]["tier"] = new_tier
+    host_vars.write_text(yaml.safe_dump(data))
+    before = lab_containers()
+    proc = run_site(inventory_copy)
+    assert proc.returncode == 0
+    after = lab_containers()
+    changed = {name for name in before if before[name] != after.get(name)}
+    assert changed == {f"flowerlab-supernode-{target['name']}"}, changed
+    host_config = inspect(f"flowerlab-supernode-{target['name']}")["HostConfig"]
+    assert host_config["NanoCpus"] == round(float(tiers[new_tier]["cpus"]) * 1e9)
+    assert host_config["Memory"] == parse_memory(tiers[new_tier]["memory"])
+    # Back to the inventory as committed: that container returns to its own tier.
+    assert run_site(LOCAL_INVENTORY).returncode == 0
+    restored = inspect(f"flowerlab-supernode-{target['name']}")["HostConfig"]
+    assert restored["NanoCpus"] == round(float(tiers[target["tier"]]["cpus"]) * 1e9)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up a controller for the lab and its tests: the Python venv (.venv) with the pinned
+# controller tools and the app's dependencies, the collections, and the Debian packages the
+# tests use on the controller (Prometheus/promtool for expression checks, debootstrap, tc).
+# Idempotent; safe to run again. The Docker engine itself is installed by the docker role.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  need=()
+  for pkg in python3-venv prometheus debootstrap iproute2 ca-certificates curl; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=.venv/.flowerlab-installed
+want=$(cat requirements.txt app/pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python requirements into .venv"
+  .venv/bin/pip install -q -r requirements.txt -e ./app
+  echo "$want" > "$stamp"
+fi
+.venv/bin/ansible-galaxy collection install --offline -r requirements.yml >/dev/null
+echo "setup: ready (.venv: $(.venv/bin/ansible --version | head -1))"
