@@ -27,7 +27,7 @@ def tool(name: str) -> str:
 
 
 def run_site(inventory: Path, *extra: str, playbook: str = "site.yml") -> subprocess.CompletedProcess:
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     cmd = [tool("ansible-playbook"), playbook, "-i", str(inventory), *extra]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
@@ -47,7 +47,10 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 def inventory_vars(inventory: Path) -> dict:
     out = subprocess.run(
         [tool("ansible-inventory"), "-i", str(inventory), "--list"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(out)["_meta"]["hostvars"]
 

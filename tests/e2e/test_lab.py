@@ -108,16 +108,13 @@ def test_federated_run_completes_with_every_client(lab):
 
 def test_prometheus_has_app_and_exporter_series(lab):
     assert prom_query(PROMETHEUS_URL, "model_accuracy"), "no model_accuracy series"
+
+    def series_for_every_client(metric):
+        series = prom_query(PROMETHEUS_URL, metric)
+        return series if {r["metric"].get("client") for r in series} >= set(lab["clients"]) else None
+
     for metric in ("flowerlab_client_fit_seconds", "flowerlab_client_memory_limit_bytes"):
-        series = wait_for(
-            f"{metric} for every client",
-            lambda m=metric: (
-                s if {r["metric"].get("client") for r in (s := prom_query(PROMETHEUS_URL, m))} >= set(lab["clients"])
-                else None
-            ),
-            timeout=120,
-        )
-        assert series
+        wait_for(f"{metric} for every client", lambda m=metric: series_for_every_client(m), timeout=120)
     up = prom_query(PROMETHEUS_URL, 'up{job="node"}')
     assert up and all(r["value"][1] == "1" for r in up), up
 
@@ -126,7 +123,10 @@ def test_every_dashboard_expression_is_accepted_by_the_lab_prometheus(lab):
     env = dict(os.environ, FLOWERLAB_PROMETHEUS_URL=PROMETHEUS_URL)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "check_dashboards.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     print(proc.stdout[-4000:])
     assert proc.returncode == 0
@@ -177,7 +177,8 @@ def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
     hostvars = inventory_vars(LOCAL_INVENTORY)["localhost"]
     tiers = hostvars["lab_tiers"]
     target = hostvars["lab_clients"][0]
-    new_tier = next(t for t in tiers if t != target["tier"] and tiers[t]["cpus"] != tiers[target["tier"]]["cpus"])
+    own_cpus = tiers[target["tier"]]["cpus"]
+    new_tier = next(t for t in tiers if tiers[t]["cpus"] != own_cpus)
     host_vars = inventory_copy / "host_vars" / "localhost.yml"
     data = yaml.safe_load(host_vars.read_text())
     data["lab_clients"][0]["tier"] = new_tier
