@@ -1,0 +1,168 @@
+"""Prometheus metrics of the ServerApp.
+
+Flower starts a new ServerApp process for every run, so the endpoint cannot live in that process
+alone: the ServerApp writes a snapshot file after every round and makes sure one exporter process
+(prometheus_client, started from the ServerApp and outliving it) serves that file on `metrics-port`.
+A second run reuses the running exporter instead of failing on a busy port, and the values of a
+finished run stay readable until the next run replaces them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+SNAPSHOT = "metrics-snapshot.json"
+MARKER = "flowerlab_exporter_info"
+CLIENT_LABELS = ["client", "tier", "host"]
+
+# name -> (snapshot key, help)
+RUN_GAUGES = {
+    "model_accuracy": ("accuracy", "Accuracy of the global model (federated evaluation, last round)"),
+    "model_loss": ("loss", "Loss of the global model (federated evaluation, last round)"),
+    "flowerlab_central_accuracy": ("central_accuracy", "Accuracy of the global model on the central test split"),
+    "flowerlab_central_loss": ("central_loss", "Loss of the global model on the central test split"),
+    "flowerlab_round": ("round", "Last completed round of the current run"),
+    "flowerlab_rounds_total": ("num_rounds", "Rounds configured for the current run"),
+    "flowerlab_round_duration_seconds": ("round_seconds", "Wall-clock seconds of the last round"),
+    "flowerlab_round_overhead_seconds": ("overhead_seconds", "Round seconds minus the slowest client's fit seconds"),
+    "flowerlab_run_active": ("active", "1 while the current run is in progress, 0 once it ended"),
+    "flowerlab_nodes_connected": ("nodes", "SuperNodes connected when the last round started"),
+}
+CLIENT_GAUGES = {
+    "flowerlab_client_fit_seconds": ("fit-seconds", "Seconds the client spent in local training (last round)"),
+    "flowerlab_client_samples_per_second": ("samples-per-second", "Training throughput of the client"),
+    "flowerlab_client_examples": ("num-examples", "Training examples of the client"),
+    "flowerlab_client_train_loss": ("train-loss", "Training loss of the client (last epoch)"),
+    "flowerlab_client_train_accuracy": ("train-accuracy", "Training accuracy of the client (last epoch)"),
+    "flowerlab_client_cpu_limit_cores": ("cpu-limit-cores", "CPU budget of the client's cgroup, in cores"),
+    "flowerlab_client_memory_limit_bytes": ("memory-limit-bytes", "Memory limit of the client's cgroup"),
+    "flowerlab_client_memory_peak_bytes": ("memory-peak-bytes", "Peak memory of the client's cgroup"),
+    "flowerlab_client_cpu_seconds": ("cpu-seconds", "CPU seconds the client used during its last fit"),
+    "flowerlab_client_batch_size": ("batch-size", "Batch size the client trained with"),
+}
+
+
+class SnapshotCollector(Collector):
+    """Turns the snapshot file into gauges at every scrape."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def collect(self):
+        snap = self.read()
+        info = GaugeMetricFamily(MARKER, "Exporter of the lab's ServerApp metrics", labels=["snapshot"])
+        info.add_metric([str(self.path)], 1)
+        yield info
+        if not snap:
+            return
+        run = GaugeMetricFamily("flowerlab_run_info", "The current (or last) run", labels=["run_id"])
+        run.add_metric([str(snap.get("run_id", ""))], 1)
+        yield run
+        for name, (key, doc) in RUN_GAUGES.items():
+            if snap.get(key) is not None:
+                yield GaugeMetricFamily(name, doc, value=float(snap[key]))
+        clients = snap.get("clients", {})
+        for name, (key, doc) in CLIENT_GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=CLIENT_LABELS)
+            for client, values in sorted(clients.items()):
+                if values.get(key) is not None:
+                    family.add_metric([client, values.get("tier", ""), values.get("host", "")], float(values[key]))
+            yield family
+
+
+def write_snapshot(directory: Path, snapshot: dict) -> Path:
+    """Atomically replace the snapshot the exporter serves."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SNAPSHOT
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(snapshot))
+    os.replace(tmp, path)
+    return path
+
+
+def exporter_snapshot(port: int, host: str = "127.0.0.1") -> str | None:
+    """The snapshot path served by a lab exporter on `port`, or None when none answers there."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as resp:
+            body = resp.read().decode()
+    except OSError:
+        return None
+    for line in body.splitlines():
+        if line.startswith(MARKER + "{"):
+            return line.split('snapshot="', 1)[1].split('"', 1)[0]
+    return None
+
+
+def ensure_exporter(port: int, directory: Path, wait: float = 15.0) -> bool:
+    """Make sure an exporter serves `directory`'s snapshot on `port`; never raises.
+
+    Returns False (and the run goes on without an endpoint) when the port is held by something else.
+    """
+    wanted = str(directory / SNAPSHOT)
+    served = exporter_snapshot(port)
+    if served == wanted:
+        return True
+    if served is not None:
+        print(f"metrics: port {port} serves another snapshot ({served}); not serving {wanted}", file=sys.stderr)
+        return False
+    directory.mkdir(parents=True, exist_ok=True)
+    log = open(directory / "exporter.log", "ab")  # noqa: SIM115 - handed to the child process
+    subprocess.Popen(
+        [sys.executable, "-m", "flowerlab_app.metrics", "--port", str(port), "--snapshot", wanted],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if exporter_snapshot(port) == wanted:
+            return True
+        time.sleep(0.2)
+    print(f"metrics: no exporter answered on port {port} (see {directory / 'exporter.log'})", file=sys.stderr)
+    return False
+
+
+def serve(port: int, snapshot: Path, address: str = "0.0.0.0") -> None:
+    """Serve the snapshot forever (the exporter process)."""
+    REGISTRY.register(SnapshotCollector(snapshot))
+    start_http_server(port, addr=address)
+    (snapshot.parent / "exporter.pid").write_text(f"{os.getpid()}\n")
+    while True:
+        time.sleep(3600)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the lab's ServerApp metrics snapshot")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--snapshot", type=Path, required=True)
+    parser.add_argument("--address", default="0.0.0.0")
+    args = parser.parse_args(argv)
+    try:
+        serve(args.port, args.snapshot, args.address)
+    except OSError as err:  # port taken: the ServerApp reports it, the run goes on
+        print(f"metrics exporter: cannot listen on {args.address}:{args.port}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
