@@ -9,8 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -71,14 +69,6 @@ def lab_containers() -> dict[str, tuple[str, str]]:
         info = inspect(cid)
         result[info["Name"].lstrip("/")] = (info["Id"], info["State"]["StartedAt"])
     return result
-
-
-def prom_query(base_url: str, expr: str) -> list:
-    url = f"{base_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        body = json.load(resp)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
 
 
 def wait_for(what: str, check, timeout: float, interval: float = 5.0):
