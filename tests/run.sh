@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-all_stages=(setup lint unit app-e2e molecule)  # lab-e2e: run it by name
+all_stages=(setup lint unit app-e2e lab-e2e molecule)
 molecule_role_scenarios=(docker lab_images lab_preflight)
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")

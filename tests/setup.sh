@@ -2,7 +2,8 @@
 # Set up a controller for the lab and its tests: the Python venv (.venv) with the pinned
 # controller tools and the app's dependencies, the collections, and the Debian packages the
 # tests use on the controller (Prometheus/promtool for expression checks, debootstrap, tc).
-# Idempotent; safe to run again. The Docker engine itself is installed by the docker role.
+# Idempotent; safe to run again. The Docker engine is installed and started by the lab's own docker
+# role (tests/engine.yml), so a fresh machine needs nothing but Debian's and PyPI's archives.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,4 +31,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 .venv/bin/ansible-galaxy collection install --offline -r requirements.yml >/dev/null
+ANSIBLE_CONFIG=$PWD/ansible.cfg ANSIBLE_ROLES_PATH=$PWD/roles \
+  .venv/bin/ansible-playbook -i localhost, tests/engine.yml >/tmp/flowerlab-engine.log 2>&1 \
+  || { tail -40 /tmp/flowerlab-engine.log; echo "setup: the docker role could not start an engine" >&2; exit 1; }
+echo "setup: Docker engine $(docker version --format '{{.Server.Version}}')"
 echo "setup: ready (.venv: $(.venv/bin/ansible --version | head -1))"
