@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 all_stages=(setup lint unit app-e2e lab-e2e molecule)
-molecule_role_scenarios=(docker lab_images lab_preflight)
+molecule_role_scenarios=(docker lab_images lab_preflight node_exporter cadvisor prometheus grafana)
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
 
@@ -20,7 +20,11 @@ stage_setup()   { bash tests/setup.sh; }
 stage_lint() {
   yamllint -s . && ansible-lint && ruff check . && ruff format --check app tests
 }
-stage_unit()    { pytest -q -m "not e2e" app/tests; }
+stage_unit() {
+  pytest -q -m "not e2e" app/tests tests/dashboards \
+    && promtool check rules roles/prometheus/files/rules/*.yml \
+    && promtool test rules tests/prometheus/*_test.yml
+}
 stage_app_e2e() { pytest -q -m e2e app/tests; }
 stage_lab_e2e() { pytest -q tests/e2e; }
 stage_molecule() {

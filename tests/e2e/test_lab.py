@@ -9,11 +9,17 @@ The tests run in file order and share the lab brought up by the first one.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import (
     LOCAL_INVENTORY,
+    ROOT,
     docker,
     inspect,
     inventory_vars,
@@ -164,3 +170,61 @@ def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
     assert run_site(LOCAL_INVENTORY).returncode == 0
     restored = inspect(f"flowerlab-supernode-{target['name']}")["HostConfig"]
     assert restored["NanoCpus"] == round(float(tiers[target["tier"]]["cpus"]) * 1e9)
+
+
+PROMETHEUS = "http://127.0.0.1:9090"
+
+
+def prom_query(expr: str) -> list[dict]:
+    url = f"{PROMETHEUS}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.load(resp)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_prometheus_scrapes_every_client_and_host(lab):
+    """The lab's real Prometheus holds the app's model and per-client series and the hosts' node-exporter."""
+    wanted = set(lab["clients"])
+
+    def scraped():
+        clients = {s["metric"].get("client") for s in prom_query("flowerlab_client_fit_seconds")}
+        return wanted <= clients and prom_query("model_accuracy") and clients
+
+    wait_for("per-client series in Prometheus", scraped, timeout=180, interval=5)
+    up = {s["metric"]["job"]: s["value"][1] for s in prom_query('up{job=~"node-exporter|flower-serverapp"}')}
+    assert up == {"node-exporter": "1", "flower-serverapp": "1"}, up
+    for client in wanted:
+        series = prom_query(f'flowerlab_client_cpu_limit_cores{{client="{client}"}}')
+        assert series, client
+        assert float(series[0]["value"][1]) == pytest.approx(float(lab["clients"][client]["cpus"])), client
+    hosts = {s["metric"]["host"] for s in prom_query("node_memory_MemTotal_bytes")}
+    assert hosts == {"localhost"}, hosts
+
+
+def test_alert_rules_are_loaded(lab):
+    with urllib.request.urlopen(f"{PROMETHEUS}/api/v1/rules", timeout=10) as resp:
+        groups = json.load(resp)["data"]["groups"]
+    names = {rule["name"] for group in groups for rule in group["rules"]}
+    assert len(names) >= 4, names
+
+
+def test_every_dashboard_expression_is_accepted_by_prometheus(lab):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "dashboards" / "check_dashboards.py"), "--prometheus", PROMETHEUS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_grafana_provisioning_files_parse(lab):
+    grafana_dir = Path("/var/lib/flowerlab/grafana")
+    files = [p for p in grafana_dir.rglob("*") if p.suffix in {".yml", ".yaml", ".json"}]
+    assert any(p.suffix == ".json" for p in files), f"no dashboards under {grafana_dir}"
+    assert any(p.suffix in {".yml", ".yaml"} for p in files), f"no provisioning files under {grafana_dir}"
+    for path in files:
+        text = path.read_text()
+        assert json.loads(text) if path.suffix == ".json" else yaml.safe_load(text), path
