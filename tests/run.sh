@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 all_stages=(setup lint unit app-e2e lab-e2e molecule)
-molecule_role_scenarios=(docker lab_images lab_preflight node_exporter cadvisor prometheus grafana)
+# Every role's scenario, then the multi-host lab.
+molecule_scenarios=(docker lab_common lab_images lab_preflight node_exporter cadvisor prometheus grafana
+                    flower_superlink flower_supernodes flower_run lab)
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
 
@@ -29,7 +31,7 @@ stage_app_e2e() { pytest -q -m e2e app/tests; }
 stage_lab_e2e() { pytest -q tests/e2e; }
 stage_molecule() {
   local rc=0 s t0
-  for s in "${molecule_role_scenarios[@]}"; do
+  for s in "${molecule_scenarios[@]}"; do
     t0=$SECONDS
     if molecule test -s "$s"; then
       echo "molecule: $s passed in $((SECONDS - t0)) s"
