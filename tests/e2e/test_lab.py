@@ -149,6 +149,7 @@ def test_broken_inventory_fails_before_any_change(lab, inventory_copy, case):
 
 
 def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
+    # flower_run_policy=never: a new configuration would otherwise start a new run (policy once).
     hostvars = inventory_vars(LOCAL_INVENTORY)["localhost"]
     tiers = hostvars["lab_tiers"]
     target = hostvars["lab_clients"][0]
@@ -159,7 +160,7 @@ def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
     data["lab_clients"][0]["tier"] = new_tier
     host_vars.write_text(yaml.safe_dump(data))
     before = lab_containers()
-    proc = run_site(inventory_copy)
+    proc = run_site(inventory_copy, "-e", "flower_run_policy=never")
     assert proc.returncode == 0
     after = lab_containers()
     changed = {name for name in before if before[name] != after.get(name)}
@@ -168,7 +169,7 @@ def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
     assert host_config["NanoCpus"] == round(float(tiers[new_tier]["cpus"]) * 1e9)
     assert host_config["Memory"] == parse_memory(tiers[new_tier]["memory"])
     # Back to the inventory as committed: that container returns to its own tier.
-    assert run_site(LOCAL_INVENTORY).returncode == 0
+    assert run_site(LOCAL_INVENTORY, "-e", "flower_run_policy=never").returncode == 0
     restored = inspect(f"flowerlab-supernode-{target['name']}")["HostConfig"]
     assert restored["NanoCpus"] == round(float(tiers[target["tier"]]["cpus"]) * 1e9)
 
