@@ -1,19 +1,28 @@
-"""ClientApp: trains on this device's partition with this device's tier settings."""
+"""ClientApp: trains on this device's partition with this device's tier settings.
+
+A thin client of the SuperNode's warm trainer (see trainer.py): this process never imports
+TensorFlow when FLOWERLAB_TRAINER_SOCKET is set. A train message also evaluates the received global
+model on the local test split, so a round needs one message per client, not two.
+"""
 
 from __future__ import annotations
+
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import data, task
+from . import data, trainer
 from .settings import NodeSettings, RunSettings, data_dir
-from .telemetry import Cgroup, FitMeter
 
 app = ClientApp()
+_local_trainer = None
+# Flower loads this module after its own start-up: what came before is process start and Flower's import.
+LOADED_UNIX = time.time()
 
 
-def _setup(msg: Message, context: Context):
-    """Settings, data and the global model of this message."""
+def _request(msg: Message, context: Context) -> tuple[NodeSettings, dict]:
+    """This device's settings and the trainer request for the received global model."""
     node = NodeSettings.from_node_config(context.node_config)
     run = RunSettings.from_run_config(context.run_config)
     directory = data_dir()
@@ -25,12 +34,34 @@ def _setup(msg: Message, context: Context):
         seed=run.seed,
         num_partitions=node.num_partitions,
     )
-    arrays = data.load_partition(directory, node.partition_id, run.data_sample_percentage, run.seed)
-    cgroup = Cgroup()
-    threads = task.configure_tensorflow(task.tf_threads(cgroup))
-    model = task.build_model(run.model_alpha, run.seed)
-    model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
-    return node, run, arrays, model, cgroup, threads
+    config = msg.content.get("config", {})
+    request = {
+        "data_dir": str(directory),
+        "partition_id": node.partition_id,
+        "percentage": run.data_sample_percentage,
+        "seed": run.seed,
+        "alpha": run.model_alpha,
+        "batch_size": node.batch_size,
+        "learning_rate": node.learning_rate,
+        "epochs": int(config.get("local-epochs", run.local_epochs)),
+        "server_round": int(config.get("server-round", 0)),
+        "evaluate_received": bool(config.get("evaluate-received", True)),
+        "packed": msg.content["arrays"].to_numpy_ndarrays()[0],  # one flat array (task.get_packed)
+    }
+    return node, request
+
+
+def _call(op: str, request: dict) -> dict:
+    """Ask the SuperNode's warm trainer, or train in this process when there is none."""
+    global _local_trainer
+    path = trainer.socket_path()
+    if path is not None:
+        return trainer.call(path, op, request)
+    if _local_trainer is None:
+        from .task import Trainer
+
+        _local_trainer = Trainer()
+    return getattr(_local_trainer, op)(request)
 
 
 def _device(node: NodeSettings) -> ConfigRecord:
@@ -39,22 +70,20 @@ def _device(node: NodeSettings) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node, run, (x_train, y_train, _, _), model, cgroup, threads = _setup(msg, context)
-    epochs = int(msg.content["config"].get("local-epochs", run.local_epochs))
-    with FitMeter(cgroup) as meter:
-        results = task.fit(
-            model, x_train, y_train, epochs=epochs, batch_size=node.batch_size, learning_rate=node.learning_rate
-        )
+    node, request = _request(msg, context)
+    called = time.time()
+    answer = _call("train", request)
     metrics = {
-        "num-examples": len(y_train),
         "batch-size": node.batch_size,
-        "tf-threads": threads,
-        **results,
-        **meter.metrics(),
+        **answer["metrics"],
+        # Where the round's time goes besides training (see server_app.Recorder.end_round).
+        "app-loaded-unix": LOADED_UNIX,
+        "trainer-called-unix": called,
+        "trainer-answered-unix": time.time(),
     }
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.get_weights()),
+            "arrays": ArrayRecord([answer["packed"]]),
             "metrics": MetricRecord(metrics),
             "device": _device(node),
         }
@@ -64,12 +93,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    node, _, (_, _, x_test, y_test), model, _, _ = _setup(msg, context)
-    loss, accuracy = task.evaluate(model, x_test, y_test, batch_size=node.batch_size)
-    content = RecordDict(
-        {
-            "metrics": MetricRecord({"num-examples": len(y_test), "eval-loss": loss, "eval-accuracy": accuracy}),
-            "device": _device(node),
-        }
-    )
+    node, request = _request(msg, context)
+    answer = _call("evaluate", request)
+    content = RecordDict({"metrics": MetricRecord(answer["metrics"]), "device": _device(node)})
     return Message(content=content, reply_to=msg)

@@ -2,9 +2,11 @@
 
     python -m flowerlab_app.loopback --clients 2 --rounds 2
 
-Prepares the offline dataset, starts the processes on free ports, runs the app, waits for the run,
-prints per-round figures (round seconds, per-client fit seconds, overhead = round seconds minus the
-slowest client's fit seconds) and stops every process. Used by the end-to-end test and the benchmark.
+Prepares the offline dataset, starts the processes on free ports the way the lab's containers do
+(each under `flowerlab-supervise` with its SuperExec, and a warm trainer per SuperNode), runs the
+app, waits for the run, prints per-round figures (round seconds, per-client fit seconds, overhead =
+round seconds minus the slowest client's fit seconds) and stops every process. Used by the
+end-to-end test and the benchmark.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import data
+from . import control, data
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "loopback"
@@ -59,12 +62,15 @@ class LoopbackLab:
         self.results_dir = work / "results"
         self.procs: list[subprocess.Popen] = []
         self.node_configs: list[dict] = []
+        # Unix socket paths must stay short (108 bytes): not under a deep test directory.
+        self.sockets = Path(tempfile.mkdtemp(prefix="flowerlab-"))
 
     def env(self, name: str) -> dict:
         home = self.work / "flwr-home" / name
         home.mkdir(parents=True, exist_ok=True)
         return dict(
             os.environ,
+            FLOWERLAB_SUPERVISOR_STATUS=str(self.sockets / f"{name}.json"),
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec
             FLWR_HOME=str(home),
             FLWR_TELEMETRY_ENABLED="0",
@@ -73,9 +79,17 @@ class LoopbackLab:
             FLOWERLAB_RESULTS_DIR=str(self.results_dir),
         )
 
-    def start(self, name: str, cmd: list[str]) -> None:
+    def start(self, name: str, cmd: list[str], env: dict | None = None) -> None:
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process ends
-        self.procs.append(subprocess.Popen(cmd, env=self.env(name), stdout=log, stderr=log, start_new_session=True))
+        env = {**self.env(name), **(env or {})}
+        self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True))
+
+    def supervised(self, runtime_port: int, *main: str, trainer: str | None = None) -> list[str]:
+        """The main Flower command under flowerlab-supervise, with its SuperExec (and trainer), as in the lab."""
+        keep = [f"{bin_path('flowerlab-superexec')} --insecure --runtime-api-address 127.0.0.1:{runtime_port}"]
+        if trainer:
+            keep.append(f"{bin_path('flowerlab-trainer')} --socket {trainer}")
+        return [bin_path("flowerlab-supervise"), *(a for k in keep for a in ("--keep", k)), "--", *main]
 
     def wait_health(self, port: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -91,11 +105,12 @@ class LoopbackLab:
         data.prepare("offline:digits", self.clients, "iid", 0.5, 42, self.data_dir)
         self.start(
             "superlink",
-            [
+            self.supervised(
+                self.superlink_port,
                 bin_path("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                "--port", str(self.superlink_port),
+                "--port", str(self.superlink_port), "--isolation", "process",
                 "--disable-runtime-dependency-installation",
-            ],
+            ),
         )  # fmt: skip
         self.wait_health(self.superlink_port)
         for i in range(self.clients):
@@ -111,14 +126,18 @@ class LoopbackLab:
             }
             self.node_configs.append(config)
             node_port = free_port()
+            trainer = str(self.sockets / f"trainer-{i}.sock")
             self.start(
                 f"supernode-{i}",
-                [
-                    bin_path("flower-supernode"), "--insecure",
+                self.supervised(
+                    node_port,
+                    bin_path("flower-supernode"), "--insecure", "--isolation", "process",
                     "--superlink", f"127.0.0.1:{self.superlink_port}",
                     "--host", "127.0.0.1", "--port", str(node_port),
                     "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in config.items()),
-                ],
+                    trainer=trainer,
+                ),
+                env={"FLOWERLAB_TRAINER_SOCKET": trainer},
             )  # fmt: skip
             self.wait_health(node_port)
         cli_home = self.work / "flwr-home" / "cli"
@@ -144,7 +163,8 @@ class LoopbackLab:
         return str(json.loads(out)["run-id"])
 
     def status(self, run_id: str) -> str:
-        runs = json.loads(self.flwr("ls", CONNECTION, "--format", "json"))["runs"]
+        """The run's `flwr ls` status, read in this process (a `flwr` CLI process costs about 2 CPU s)."""
+        runs = control.list_runs(f"127.0.0.1:{self.superlink_port}")
         return next(r["status"] for r in runs if r["run-id"] == run_id)
 
     def wait(self, run_id: str, timeout: float = 1200) -> str:
@@ -168,6 +188,7 @@ class LoopbackLab:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.sockets, ignore_errors=True)
         pid_file = self.results_dir / "exporter.pid"
         if pid_file.exists():  # the metrics exporter outlives runs by design; stop it with the lab
             with contextlib.suppress(ProcessLookupError, ValueError):
@@ -183,7 +204,7 @@ def report(history: dict) -> str:
         )
         lines.append(
             f"round {r['round']}: {r['round_seconds']:.1f} s, slowest fit {r['slowest_fit_seconds']:.1f} s, "
-            f"overhead {r['overhead_seconds']:.1f} s, accuracy {r['accuracy']:.3f}; fit: {fits}"
+            f"overhead {r['overhead_seconds']:.1f} s, accuracy {r['accuracy'] or 0:.3f}; fit: {fits}"
         )
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -28,23 +29,28 @@ CLIENT_LABELS = ["client", "tier", "host"]
 
 # name -> (snapshot key, help)
 RUN_GAUGES = {
-    "model_accuracy": ("accuracy", "Accuracy of the global model (federated evaluation, last round)"),
-    "model_loss": ("loss", "Loss of the global model (federated evaluation, last round)"),
+    "model_accuracy": ("accuracy", "Accuracy of the global model after the last round (central, else federated)"),
+    "model_loss": ("loss", "Loss of the global model after the last round (central, else federated)"),
+    "flowerlab_received_accuracy": (
+        "received_accuracy",
+        "The clients' accuracy of the model they received in the last round (the previous round's global model)",
+    ),
     "flowerlab_central_accuracy": ("central_accuracy", "Accuracy of the global model on the central test split"),
     "flowerlab_central_loss": ("central_loss", "Loss of the global model on the central test split"),
     "flowerlab_round": ("round", "Last completed round of the current run"),
     "flowerlab_rounds_total": ("num_rounds", "Rounds configured for the current run"),
     "flowerlab_round_duration_seconds": ("round_seconds", "Wall-clock seconds of the last round"),
     "flowerlab_round_overhead_seconds": ("overhead_seconds", "Round seconds minus the slowest client's fit seconds"),
-    "flowerlab_run_active": ("active", "1 while the current run is in progress, 0 once it ended"),
+    "flowerlab_run_active": ("active", "1 while the current run is pending, starting or running, 0 once it ended"),
     "flowerlab_nodes_connected": ("nodes", "SuperNodes connected when the last round started"),
 }
 CLIENT_GAUGES = {
     "flowerlab_client_fit_seconds": ("fit-seconds", "Seconds the client spent in local training (last round)"),
     "flowerlab_client_samples_per_second": ("samples-per-second", "Training throughput of the client"),
     "flowerlab_client_examples": ("num-examples", "Training examples of the client"),
-    "flowerlab_client_train_loss": ("train-loss", "Training loss of the client (last epoch)"),
-    "flowerlab_client_train_accuracy": ("train-accuracy", "Training accuracy of the client (last epoch)"),
+    "flowerlab_client_train_loss": ("train-loss", "Training loss of the client (mean over its last round)"),
+    "flowerlab_client_train_accuracy": ("train-accuracy", "Training accuracy of the client (mean over its last round)"),
+    "flowerlab_client_steps": ("steps", "Optimizer steps the client took in its last round"),
     "flowerlab_client_cpu_limit_cores": ("cpu-limit-cores", "CPU budget of the client's cgroup, in cores"),
     "flowerlab_client_memory_limit_bytes": ("memory-limit-bytes", "Memory limit of the client's cgroup"),
     "flowerlab_client_memory_peak_bytes": ("memory-peak-bytes", "Peak memory of the client's cgroup"),
@@ -53,11 +59,34 @@ CLIENT_GAUGES = {
 }
 
 
-class SnapshotCollector(Collector):
-    """Turns the snapshot file into gauges at every scrape."""
+class RunWatcher:
+    """Polls the SuperLink's runs in the background: a run that dies without a word is seen as failed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, address: str, interval: float = 10.0):
+        self.address = address
+        self.interval = interval
+        self.runs: list[dict] | None = None  # None: the SuperLink did not answer the last poll
+        threading.Thread(target=self._loop, name="run-watcher", daemon=True).start()
+
+    def _loop(self) -> None:
+        from .control import list_runs
+
+        while True:
+            try:
+                self.runs = list_runs(self.address)
+            except BaseException as err:  # noqa: BLE001 - Flower's CLI helpers exit on errors
+                if isinstance(err, KeyboardInterrupt):
+                    raise
+                self.runs = None
+            time.sleep(self.interval)
+
+
+class SnapshotCollector(Collector):
+    """Turns the snapshot file (and the SuperLink's run statuses, when watched) into gauges at every scrape."""
+
+    def __init__(self, path: Path, watcher: RunWatcher | None = None):
         self.path = path
+        self.watcher = watcher
 
     def read(self) -> dict:
         try:
@@ -65,14 +94,53 @@ class SnapshotCollector(Collector):
         except (OSError, ValueError):
             return {}
 
+    def status(self, snap: dict) -> tuple[str, str] | None:
+        """(run id, status) of the latest run: the SuperLink's word when it answers, else the snapshot's."""
+        from .control import lab_status, latest
+
+        runs = self.watcher.runs if self.watcher else None
+        if runs is not None:
+            last = latest(runs)
+            return (str(last["run-id"]), lab_status(last["status"])) if last else None
+        if snap.get("run_id"):
+            return str(snap["run_id"]), str(snap.get("status", "running" if snap.get("active") else "completed"))
+        return None
+
     def collect(self):
+        from .control import RUN_STATUSES, lab_status
+
         snap = self.read()
         info = GaugeMetricFamily(MARKER, "Exporter of the lab's ServerApp metrics", labels=["snapshot"])
         info.add_metric([str(self.path)], 1)
         yield info
+        if self.watcher:
+            yield GaugeMetricFamily(
+                "flowerlab_superlink_up",
+                "1 when the SuperLink's Control API answered the exporter's last poll",
+                value=0 if self.watcher.runs is None else 1,
+            )
+            if self.watcher.runs is not None:
+                counts = GaugeMetricFamily("flowerlab_runs", "Runs the SuperLink knows, by status", labels=["status"])
+                for status in RUN_STATUSES:
+                    n = sum(1 for r in self.watcher.runs if lab_status(r["status"]) == status)
+                    counts.add_metric([status], n)
+                yield counts
+        current = self.status(snap)
+        if current:
+            run_id, status = current
+            family = GaugeMetricFamily(
+                "flowerlab_run_status",
+                "Status of the latest run: 1 for its status, 0 for the others",
+                labels=["run_id", "status"],
+            )
+            for name in dict.fromkeys((*RUN_STATUSES, status)):
+                family.add_metric([run_id, name], 1 if name == status else 0)
+            yield family
+            if snap.get("run_id") == run_id:
+                snap["active"] = 1 if status in ("pending", "starting", "running") else 0
         if not snap:
             return
-        run = GaugeMetricFamily("flowerlab_run_info", "The current (or last) run", labels=["run_id"])
+        run = GaugeMetricFamily("flowerlab_run_info", "The run whose values the other series show", labels=["run_id"])
         run.add_metric([str(snap.get("run_id", ""))], 1)
         yield run
         for name, (key, doc) in RUN_GAUGES.items():
@@ -141,9 +209,9 @@ def ensure_exporter(port: int, directory: Path, wait: float = 15.0) -> bool:
     return False
 
 
-def serve(port: int, snapshot: Path, address: str = "0.0.0.0") -> None:
-    """Serve the snapshot forever (the exporter process)."""
-    REGISTRY.register(SnapshotCollector(snapshot))
+def serve(port: int, snapshot: Path, address: str = "0.0.0.0", superlink: str | None = None) -> None:
+    """Serve the snapshot forever (the exporter process); with `superlink`, also its runs' statuses."""
+    REGISTRY.register(SnapshotCollector(snapshot, RunWatcher(superlink) if superlink else None))
     start_http_server(port, addr=address)
     (snapshot.parent / "exporter.pid").write_text(f"{os.getpid()}\n")
     while True:
@@ -155,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--snapshot", type=Path, required=True)
     parser.add_argument("--address", default="0.0.0.0")
+    parser.add_argument("--superlink", help="HOST:PORT of the SuperLink whose run statuses to export")
     args = parser.parse_args(argv)
     try:
-        serve(args.port, args.snapshot, args.address)
+        serve(args.port, args.snapshot, args.address, args.superlink)
     except OSError as err:  # port taken: the ServerApp reports it, the run goes on
         print(f"metrics exporter: cannot listen on {args.address}:{args.port}: {err}", file=sys.stderr)
         return 1

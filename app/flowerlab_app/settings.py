@@ -88,6 +88,7 @@ class RunSettings:
     metrics_port: int
     central_evaluation: bool
     results_dir: str
+    fail_at_round: int = 0
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -109,6 +110,7 @@ class RunSettings:
             metrics_port=_get(config, "metrics-port", int, where),
             central_evaluation=_get(config, "central-evaluation", bool, where),
             results_dir=_get(config, "results-dir", str, where),
+            fail_at_round=_get(config, "fail-at-round", int, where) if "fail-at-round" in config else 0,
         )
         if s.partitioner not in PARTITIONERS:
             raise ConfigError(f"{where}: key 'partitioner' is {s.partitioner!r}; allowed: {', '.join(PARTITIONERS)}")
@@ -118,6 +120,10 @@ class RunSettings:
             )
         if s.num_server_rounds < 1 or s.min_nodes < 1 or s.local_epochs < 1:
             raise ConfigError(f"{where}: num-server-rounds, min-nodes and local-epochs must be >= 1")
+        if not 0 <= s.fraction_evaluate <= 1 or not 0 < s.fraction_train <= 1:
+            raise ConfigError(f"{where}: fraction-train must be in (0, 1] and fraction-evaluate in [0, 1]")
+        if s.fail_at_round < 0:
+            raise ConfigError(f"{where}: key 'fail-at-round' is {s.fail_at_round}; expected 0 (never) or a round")
         if s.metrics_port == 8000:
             raise ConfigError(f"{where}: key 'metrics-port' is 8000, the SuperLink's port; choose another")
         return s

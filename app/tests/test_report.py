@@ -1,0 +1,72 @@
+from flowerlab_app import report
+
+HISTORY = {
+    "run_id": "7",
+    "num_rounds": 3,
+    "status": "completed",
+    "rounds": [
+        {
+            "round": 1,
+            "accuracy": 0.1,
+            "round_seconds": 40.0,
+            "overhead_seconds": 10.0,
+            "elapsed_seconds": 40.0,
+            "clients": {
+                "a": {"tier": "iot", "fit-seconds": 30.0, "samples-per-second": 20.0, "cpu-limit-cores": 0.5},
+                "b": {"tier": "laptop", "fit-seconds": 14.0, "samples-per-second": 40.0, "cpu-limit-cores": 1.0},
+                "c": {"tier": "laptop", "fit-seconds": 16.0, "samples-per-second": 36.0, "cpu-limit-cores": 1.0},
+            },
+        },
+        {
+            "round": 2,
+            "accuracy": 0.875,
+            "round_seconds": 20.0,
+            "overhead_seconds": 6.0,
+            "elapsed_seconds": 60.0,
+            "clients": {
+                "a": {"tier": "iot", "fit-seconds": 14.0, "samples-per-second": 40.0, "cpu-limit-cores": 0.5},
+                "b": {"tier": "laptop", "fit-seconds": 7.0, "samples-per-second": 80.0, "cpu-limit-cores": 1.0},
+            },
+        },
+    ],
+}
+
+
+def test_round_line_lists_tiers_slowest_first_with_their_mean():
+    line = report.round_line(HISTORY["rounds"][0])
+    assert line == ("round 1: accuracy 0.100, 40.0 s (overhead 10.0 s); fit seconds per tier: iot 30.0, laptop 15.0")
+
+
+def test_summary_has_status_final_accuracy_and_per_tier_figures():
+    lines = report.summary(HISTORY)
+    assert lines[0] == "run 7: completed, 2 of 3 rounds"
+    assert lines[1] == "final accuracy 0.875 after 60 s; mean round 30.0 s, mean overhead 8.0 s"
+    # iot: fits 30 and 14 (mean 22), 30 samples/s mean over a 0.5-core budget = 60 per core
+    assert (
+        lines[2] == "tier iot: fit 22.0 s per round (min 14.0, max 30.0), 30 samples/s, 60 samples/s per core of budget"
+    )
+    # laptop: fits 14, 16, 7 (mean 12.3); 52 samples/s over 1 core
+    assert lines[3] == (
+        "tier laptop: fit 12.3 s per round (min 7.0, max 16.0), 52 samples/s, 52 samples/s per core of budget"
+    )
+
+
+def test_failed_run_summary_names_the_error():
+    lines = report.summary({**HISTORY, "status": "failed", "error": "InjectedFailure: as asked", "rounds": []})
+    assert lines == ["run 7: failed, 0 of 3 rounds", "error: InjectedFailure: as asked"]
+
+
+def test_cli_waits_for_a_round_in_json(tmp_path, capsys):
+    import json
+
+    (tmp_path / "history.json").write_text(json.dumps({**HISTORY, "status": "running"}))
+    report.main([str(tmp_path), "--round", "3", "--json"])
+    assert json.loads(capsys.readouterr().out) == {"status": "running", "done": False, "lines": []}
+    report.main([str(tmp_path), "--round", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["done"] and out["lines"][0].startswith("round 2: accuracy 0.875")
+
+
+def test_cli_without_history_says_so(tmp_path, capsys):
+    report.main([str(tmp_path)])
+    assert "no history yet" in capsys.readouterr().out
