@@ -24,6 +24,7 @@ from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 SNAPSHOT = "metrics-snapshot.json"
+RUNS = "runs.json"
 MARKER = "flowerlab_exporter_info"
 CLIENT_LABELS = ["client", "tier", "host"]
 
@@ -60,10 +61,15 @@ CLIENT_GAUGES = {
 
 
 class RunWatcher:
-    """Polls the SuperLink's runs in the background: a run that dies without a word is seen as failed."""
+    """Polls the SuperLink's runs in the background: a run that dies without a word is seen as failed.
 
-    def __init__(self, address: str, interval: float = 10.0):
+    Every answer is also written to `runs_file` (RUNS beside the snapshot), which `flowerlab-report`
+    reads, so nothing else needs to ask the SuperLink while a run trains.
+    """
+
+    def __init__(self, address: str, runs_file: Path | None = None, interval: float = 10.0):
         self.address = address
+        self.runs_file = runs_file
         self.interval = interval
         self.runs: list[dict] | None = None  # None: the SuperLink did not answer the last poll
         threading.Thread(target=self._loop, name="run-watcher", daemon=True).start()
@@ -78,6 +84,8 @@ class RunWatcher:
                 if isinstance(err, KeyboardInterrupt):
                     raise
                 self.runs = None
+            if self.runs is not None and self.runs_file is not None:
+                write_json(self.runs_file, {"polled_unix": time.time(), "runs": self.runs})
             time.sleep(self.interval)
 
 
@@ -155,14 +163,18 @@ class SnapshotCollector(Collector):
             yield family
 
 
-def write_snapshot(directory: Path, snapshot: dict) -> Path:
-    """Atomically replace the snapshot the exporter serves."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / SNAPSHOT
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(snapshot))
+def write_json(path: Path, value) -> Path:
+    """Atomically replace a JSON file (readers never see half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
     os.replace(tmp, path)
     return path
+
+
+def write_snapshot(directory: Path, snapshot: dict) -> Path:
+    """Atomically replace the snapshot the exporter serves."""
+    return write_json(directory / SNAPSHOT, snapshot)
 
 
 def exporter_snapshot(port: int, host: str = "127.0.0.1") -> str | None:
@@ -211,7 +223,8 @@ def ensure_exporter(port: int, directory: Path, wait: float = 15.0) -> bool:
 
 def serve(port: int, snapshot: Path, address: str = "0.0.0.0", superlink: str | None = None) -> None:
     """Serve the snapshot forever (the exporter process); with `superlink`, also its runs' statuses."""
-    REGISTRY.register(SnapshotCollector(snapshot, RunWatcher(superlink) if superlink else None))
+    watcher = RunWatcher(superlink, snapshot.parent / RUNS) if superlink else None
+    REGISTRY.register(SnapshotCollector(snapshot, watcher))
     start_http_server(port, addr=address)
     (snapshot.parent / "exporter.pid").write_text(f"{os.getpid()}\n")
     while True:

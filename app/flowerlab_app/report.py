@@ -1,9 +1,11 @@
 """What a run shows a person: one line per round, per-tier fit seconds, the final accuracy.
 
-    flowerlab-report RESULTS_DIR/RUN_ID                     # every round so far and the summary
-    flowerlab-report RESULTS_DIR/RUN_ID --round 3 --json    # round 3 once recorded (for the play)
+    flowerlab-report RESULTS_DIR/RUN_ID                             # every round so far and the summary
+    flowerlab-report RESULTS_DIR/RUN_ID --round 3 --wait 600 --json # round 3, waiting for it (the play)
 
-Reads the history.json the ServerApp writes after every round.
+Reads the history.json the ServerApp writes after every round. A run whose ServerApp died without
+a word stays "running" there; the SuperLink's status, as the metrics exporter last wrote it to
+runs.json beside the run directories, corrects it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
+
+RUNS_FRESH_SECONDS = 120
+
+
+def superlink_status(run_dir: Path) -> str | None:
+    """The run's status as the SuperLink last reported it (runs.json of the exporter), if fresh."""
+    from .control import lab_status
+
+    try:
+        runs = json.loads((run_dir.parent / "runs.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if time.time() - runs.get("polled_unix", 0) > RUNS_FRESH_SECONDS:
+        return None
+    found = [r for r in runs.get("runs", []) if str(r.get("run-id")) == run_dir.name]
+    return lab_status(found[0]["status"]) if found else None
+
+
+def run_status(history: dict | None, run_dir: Path) -> str:
+    """The history's status, unless the SuperLink says the run ended otherwise."""
+    status = (history or {}).get("status", "unknown")
+    if status in ("running", "unknown"):
+        linked = superlink_status(run_dir)
+        if linked in ("completed", "failed", "stopped"):
+            return linked
+    return status
 
 
 def _pct(value) -> str:
@@ -39,7 +68,7 @@ def round_line(rnd: dict) -> str:
 
 
 def summary(history: dict) -> list[str]:
-    """Status, final accuracy, wall time, and per-tier fit seconds and throughput over the run."""
+    """Status, final accuracy, wall time, and per-tier fit seconds (median, min, max) and throughput."""
     rounds = history.get("rounds", [])
     lines = [f"run {history['run_id']}: {history.get('status', '?')}, {len(rounds)} of {history['num_rounds']} rounds"]
     if history.get("error"):
@@ -60,40 +89,57 @@ def summary(history: dict) -> list[str]:
                 entry["fit"].append(c["fit-seconds"])
                 entry["rate"].append(c.get("samples-per-second") or 0.0)
                 entry["cpus"].append(c.get("cpu-limit-cores") or 0.0)
-    for tier, v in sorted(per_tier.items(), key=lambda kv: -mean(kv[1]["fit"] or [0])):
+    for tier, v in sorted(per_tier.items(), key=lambda kv: -median(kv[1]["fit"] or [0])):
         if not v["fit"]:
             continue
         cpus = mean(v["cpus"])
-        per_core = f", {mean(v['rate']) / cpus:.0f} samples/s per core of budget" if cpus else ""
+        per_core = f", {median(v['rate']) / cpus:.0f} samples/s per core of budget" if cpus else ""
         lines.append(
-            f"tier {tier}: fit {mean(v['fit']):.1f} s per round (min {min(v['fit']):.1f}, max {max(v['fit']):.1f}), "
-            f"{mean(v['rate']):.0f} samples/s{per_core}"
+            f"tier {tier}: fit {median(v['fit']):.1f} s per round (median; min {min(v['fit']):.1f}, "
+            f"max {max(v['fit']):.1f}), {median(v['rate']):.0f} samples/s{per_core}"
         )
     return lines
+
+
+def read(run_dir: Path) -> tuple[dict | None, str]:
+    """The run's history (None before the ServerApp wrote it) and status."""
+    try:
+        history = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        history = None
+    return history, run_status(history, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowerlab-report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the run's results directory (RESULTS_DIR/RUN_ID)")
-    parser.add_argument("--round", type=int, help="report only this round, once recorded")
-    parser.add_argument("--json", action="store_true", help="print JSON (status, done, lines)")
+    parser.add_argument("--round", type=int, help="report only this round, once recorded (0: the history exists)")
+    parser.add_argument("--json", action="store_true", help="print JSON (status, done, num_rounds, lines)")
+    parser.add_argument(
+        "--wait", type=float, default=0, metavar="SECONDS", help="wait until the round (or the run) is done"
+    )
     args = parser.parse_args(argv)
     path = args.run_dir / "history.json"
-    try:
-        history = json.loads(path.read_text())
-    except (OSError, ValueError):
-        history = None
+    deadline = time.monotonic() + args.wait
+    while True:
+        history, status = read(args.run_dir)
+        found = [r for r in history["rounds"] if r["round"] == args.round] if history else []
+        if args.round is not None:
+            done = history is not None and (args.round == 0 or bool(found))
+        else:
+            done = status not in ("running", "unknown")
+        if done or status not in ("running", "unknown") or time.monotonic() >= deadline:
+            break
+        time.sleep(1)
     if history is None:
-        lines, status, done = [], "unknown", False
+        lines = []
     elif args.round is not None:
-        found = [r for r in history["rounds"] if r["round"] == args.round]
         lines = [round_line(found[0])] if found else []
-        status, done = history.get("status", "running"), bool(found)
     else:
-        lines = [round_line(r) for r in history["rounds"]] + summary(history)
-        status, done = history.get("status", "running"), history.get("status") != "running"
+        lines = [round_line(r) for r in history["rounds"]] + summary({**history, "status": status})
     if args.json:
-        print(json.dumps({"status": status, "done": done, "lines": lines}))
+        num_rounds = history["num_rounds"] if history else None
+        print(json.dumps({"status": status, "done": done, "num_rounds": num_rounds, "lines": lines}))
     else:
         print("\n".join(lines) if lines else f"no history yet at {path}")
     return 0

@@ -57,19 +57,17 @@ def call(path: Path, op: str, request: dict | None = None, timeout: float = 60.0
 
 
 def serve(path: Path) -> None:
-    """Answer requests one at a time until SIGTERM."""
-    from .task import Trainer  # TensorFlow: imported once, here
-
+    """Answer requests one at a time until SIGTERM. TensorFlow is imported with the first request."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     path.unlink(missing_ok=True)
-    trainer = Trainer()
+    trainer = None
     started = time.time()
     served = 0
     with Listener(str(path), family="AF_UNIX") as listener:
         os.chmod(path, 0o600)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print(f"trainer: ready on {path} ({trainer.threads} TensorFlow threads)", flush=True)
+        print(f"trainer: listening on {path}", flush=True)
         while True:
             with listener.accept() as conn:
                 try:
@@ -77,6 +75,11 @@ def serve(path: Path) -> None:
                     if op == "ping":
                         answer = {"pid": os.getpid(), "uptime": time.time() - started, "served": served}
                     elif op in ("train", "evaluate"):
+                        if trainer is None:
+                            from .task import Trainer
+
+                            trainer = Trainer()
+                            print(f"trainer: TensorFlow ready ({trainer.threads} threads)", flush=True)
                         answer = getattr(trainer, op)(request)
                         served += 1
                     else:

@@ -3,6 +3,7 @@ loopback, `flwr run` of this app for 2 rounds on the offline dataset."""
 
 import csv
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -18,11 +19,38 @@ def finished_run(tmp_path_factory):
         run_id = lab.run({"num-server-rounds": 2, "data-sample-percentage": 40.0, "model-alpha": 0.35})
         status = lab.wait(run_id, timeout=1500)
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{lab.metrics_port}/metrics", timeout=10).read().decode()
-        yield {"lab": lab, "run_id": run_id, "status": status, "metrics": scrape, "history": lab.history(run_id)}
+        yield {
+            "lab": lab,
+            "run_id": run_id,
+            "status": status,
+            "metrics": scrape,
+            "history": lab.history(run_id),
+            "zombies": flower_zombies(),
+        }
+
+
+def flower_zombies() -> list[str]:
+    """Finished processes whose Flower parent never waited for them (state Z)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if fields.get("State", "").startswith("Z"):
+                parent = (Path("/proc") / fields["PPid"].strip() / "cmdline").read_bytes().replace(b"\0", b" ")
+                if b"flower" in parent or b"flwr" in parent:
+                    found.append(f"{fields['Name'].strip()} (parent {parent.decode(errors='replace')[:80]})")
+        except OSError:
+            continue
+    return found
 
 
 def test_run_finished(finished_run):
     assert finished_run["status"] == "finished:completed"
+    assert finished_run["history"]["status"] == "completed"
+
+
+def test_finished_clientapp_and_serverapp_processes_are_reaped(finished_run):
+    assert finished_run["zombies"] == []
 
 
 def test_both_clients_trained_with_their_own_batch_sizes(finished_run):

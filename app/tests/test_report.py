@@ -41,13 +41,14 @@ def test_summary_has_status_final_accuracy_and_per_tier_figures():
     lines = report.summary(HISTORY)
     assert lines[0] == "run 7: completed, 2 of 3 rounds"
     assert lines[1] == "final accuracy 0.875 after 60 s; mean round 30.0 s, mean overhead 8.0 s"
-    # iot: fits 30 and 14 (mean 22), 30 samples/s mean over a 0.5-core budget = 60 per core
+    # iot: fits 30 and 14 (median 22), 30 samples/s median over a 0.5-core budget = 60 per core
     assert (
-        lines[2] == "tier iot: fit 22.0 s per round (min 14.0, max 30.0), 30 samples/s, 60 samples/s per core of budget"
+        lines[2]
+        == "tier iot: fit 22.0 s per round (median; min 14.0, max 30.0), 30 samples/s, 60 samples/s per core of budget"
     )
-    # laptop: fits 14, 16, 7 (mean 12.3); 52 samples/s over 1 core
+    # laptop: fits 14, 16, 7 (median 14); samples/s 40, 36, 80 (median 40) over 1 core
     assert lines[3] == (
-        "tier laptop: fit 12.3 s per round (min 7.0, max 16.0), 52 samples/s, 52 samples/s per core of budget"
+        "tier laptop: fit 14.0 s per round (median; min 7.0, max 16.0), 40 samples/s, 40 samples/s per core of budget"
     )
 
 
@@ -61,7 +62,7 @@ def test_cli_waits_for_a_round_in_json(tmp_path, capsys):
 
     (tmp_path / "history.json").write_text(json.dumps({**HISTORY, "status": "running"}))
     report.main([str(tmp_path), "--round", "3", "--json"])
-    assert json.loads(capsys.readouterr().out) == {"status": "running", "done": False, "lines": []}
+    assert json.loads(capsys.readouterr().out) == {"status": "running", "done": False, "num_rounds": 3, "lines": []}
     report.main([str(tmp_path), "--round", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["done"] and out["lines"][0].startswith("round 2: accuracy 0.875")
@@ -70,3 +71,44 @@ def test_cli_waits_for_a_round_in_json(tmp_path, capsys):
 def test_cli_without_history_says_so(tmp_path, capsys):
     report.main([str(tmp_path)])
     assert "no history yet" in capsys.readouterr().out
+
+
+def test_a_run_whose_serverapp_died_is_failed_by_the_superlinks_word(tmp_path):
+    import json
+    import time
+
+    run_dir = tmp_path / "7"
+    run_dir.mkdir()
+    history = {**HISTORY, "status": "running"}
+    runs = {"polled_unix": time.time(), "runs": [{"run-id": "7", "status": "finished:failed"}]}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    assert report.run_status(history, run_dir) == "failed"
+    # A stale poll is not trusted, and the SuperLink never overrides a status the ServerApp wrote.
+    (tmp_path / "runs.json").write_text(json.dumps({**runs, "polled_unix": time.time() - 600}))
+    assert report.run_status(history, run_dir) == "running"
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    assert report.run_status({**HISTORY, "status": "completed"}, run_dir) == "completed"
+
+
+def test_cli_wait_returns_when_the_round_arrives(tmp_path, capsys):
+    import json
+    import threading
+    import time
+
+    (tmp_path / "history.json").write_text(json.dumps({**HISTORY, "status": "running", "rounds": []}))
+
+    def write_round_two_later():
+        time.sleep(1.5)
+        (tmp_path / "history.json").write_text(json.dumps({**HISTORY, "status": "running"}))
+
+    threading.Thread(target=write_round_two_later).start()
+    started = time.monotonic()
+    report.main([str(tmp_path), "--round", "2", "--wait", "30", "--json"])
+    assert time.monotonic() - started < 10
+    out = json.loads(capsys.readouterr().out)
+    assert out["done"] and out["lines"][0].startswith("round 2:")
+    # A failed run ends the wait at once, without the round.
+    (tmp_path / "history.json").write_text(json.dumps({**HISTORY, "status": "failed"}))
+    report.main([str(tmp_path), "--round", "3", "--wait", "30", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"status": "failed", "done": False, "num_rounds": 3, "lines": []}

@@ -1,14 +1,17 @@
 """End-to-end test of the README's main command on this machine.
 
 Runs `ansible-playbook site.yml -i inventory/local` for real (the docker role installs the engine,
-images are built locally) and checks what a user would: limits, health, a completed federated run,
-the ServerApp metrics endpoint, idempotence, and that broken inventories fail before any change.
-The tests run in file order and share the lab brought up by the first one.
+images are built locally) and checks what a user would: limits, health, a federated run that
+completes and learns with the tiers visible in its fit seconds, no zombie processes, the ServerApp
+metrics endpoint, idempotence, runs in a row, a run on a busy machine, a failed run reported and
+started again, and that broken inventories fail before any change. The tests run in file order and
+share the lab brought up by the first one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.parse
@@ -38,6 +41,29 @@ def flwr_runs() -> list[dict]:
     return json.loads(out)["runs"]
 
 
+def history(run_id: str) -> dict:
+    return json.loads(docker("exec", SUPERLINK, "cat", f"/results/{run_id}/history.json"))
+
+
+def run_ids() -> list[str]:
+    return [r["run-id"] for r in flwr_runs()]
+
+
+def zombies(container: str) -> list[str]:
+    """Processes of the container in state Z (finished, never waited for)."""
+    out = docker("exec", container, "sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true")
+    return out.split()
+
+
+def mean_fit_by_tier(hist: dict) -> dict[str, float]:
+    """Mean fit seconds per tier over the rounds after the first (which traces the graph once)."""
+    fits: dict[str, list[float]] = {}
+    for r in hist["rounds"][1:]:
+        for c in r["clients"].values():
+            fits.setdefault(c["tier"], []).append(c["fit-seconds"])
+    return {tier: sum(v) / len(v) for tier, v in fits.items()}
+
+
 def clients_of(hostvars: dict) -> dict[str, dict]:
     """Client name -> effective settings (tier values with the client's overrides)."""
     clients = {}
@@ -56,11 +82,16 @@ def lab():
     return {"first": first, "clients": clients_of(hostvars)}
 
 
-def test_first_run_brings_up_the_lab(lab):
-    counts = recap(lab["first"].stdout)
+def test_first_run_brings_up_the_lab_and_follows_the_run(lab):
+    out = lab["first"].stdout
+    counts = recap(out)
     assert counts, "no PLAY RECAP in the output"
     assert all(c["failed"] == 0 and c["unreachable"] == 0 for c in counts.values()), counts
-    assert "summary" in lab["first"].stdout.lower()
+    rounds = len(history(run_ids()[0])["rounds"])
+    for n in range(1, rounds + 1):
+        assert f"round {n}: accuracy " in out, f"the play did not print round {n}"
+    assert "Flower heterogeneity lab summary" in out
+    assert "(finished:completed)" in out and "final accuracy" in out and "tier iot: fit" in out
 
 
 def test_second_run_changes_nothing_and_leaves_the_run_alone(lab):
@@ -99,11 +130,45 @@ def test_federated_run_completes_with_every_client(lab):
     run = wait_for("the federated run to finish", finished, timeout=1500, interval=10)
     assert run["status"] == "finished:completed", run
     lab["run_id"] = run["run-id"]
-    history = json.loads(docker("exec", SUPERLINK, "cat", f"/results/{run['run-id']}/history.json"))
-    rounds = history["rounds"]
-    assert len(rounds) == history["num_rounds"] >= 2
+    hist = history(run["run-id"])
+    rounds = hist["rounds"]
+    assert hist["status"] == "completed"
+    assert len(rounds) == hist["num_rounds"] >= 2
     for entry in rounds:
         assert set(entry["clients"]) == set(lab["clients"]), entry
+
+
+def test_the_run_learns_and_shows_the_tiers(lab):
+    """Accuracy climbs well above chance (0.1); the 0.5-cpu tier trains slower than the 1-cpu tier."""
+    hist = history(lab["run_id"])
+    accuracies = [r["accuracy"] for r in hist["rounds"]]
+    assert all(r["central_accuracy"] is not None for r in hist["rounds"]), "central evaluation is off"
+    assert accuracies[-1] > 0.5, accuracies
+    fits = mean_fit_by_tier(hist)
+    by_cpus = sorted(lab["clients"].values(), key=lambda c: float(c["cpus"]))
+    slowest, fastest = by_cpus[0]["tier"], by_cpus[-1]["tier"]
+    assert fits[slowest] > fits[fastest], fits
+    # Warm clients: a round's overhead (round seconds minus the slowest fit) is far below the old 140 s.
+    overheads = [r["overhead_seconds"] for r in hist["rounds"][1:]]
+    assert max(overheads) < 60, overheads
+
+
+def test_no_zombie_processes_remain_in_flower_containers(lab):
+    for name in [SUPERLINK] + [f"flowerlab-supernode-{c}" for c in lab["clients"]]:
+        assert zombies(name) == [], name
+
+
+def test_serverapp_metrics_report_the_completed_run(lab):
+    with urllib.request.urlopen("http://127.0.0.1:9400/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    run_id = lab["run_id"]
+
+    def status_line():
+        body = urllib.request.urlopen("http://127.0.0.1:9400/metrics", timeout=10).read().decode()
+        return f'flowerlab_run_status{{run_id="{run_id}",status="completed"}} 1.0' in body
+
+    wait_for("the exporter to report the run completed", status_line, timeout=60, interval=3)
+    assert "flowerlab_run_active 0.0" in text
 
 
 def test_serverapp_metrics_endpoint_serves_every_client(lab):
@@ -204,11 +269,22 @@ def test_prometheus_scrapes_every_client_and_host(lab):
     assert hosts == {"localhost"}, hosts
 
 
-def test_alert_rules_are_loaded(lab):
+def rule_names() -> set[str]:
     with urllib.request.urlopen(f"{PROMETHEUS}/api/v1/rules", timeout=10) as resp:
         groups = json.load(resp)["data"]["groups"]
-    names = {rule["name"] for group in groups for rule in group["rules"]}
-    assert len(names) >= 4, names
+    return {rule["name"] for group in groups for rule in group["rules"]}
+
+
+def test_alert_rules_are_loaded(lab):
+    rules = yaml.safe_load((ROOT / "roles/prometheus/files/rules/flowerlab-alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert "FlowerRunFailed" in alerts
+    assert alerts <= rule_names(), alerts - rule_names()
+
+
+def firing_alerts() -> list[dict]:
+    with urllib.request.urlopen(f"{PROMETHEUS}/api/v1/alerts", timeout=10) as resp:
+        return [a for a in json.load(resp)["data"]["alerts"] if a["state"] == "firing"]
 
 
 def test_every_dashboard_expression_is_accepted_by_prometheus(lab):
@@ -230,3 +306,76 @@ def test_grafana_provisioning_files_parse(lab):
     for path in files:
         text = path.read_text()
         assert json.loads(text) if path.suffix == ".json" else yaml.safe_load(text), path
+
+
+def test_runs_in_a_row_complete_and_stay_warm(lab):
+    """A second run on the same containers: completes, learns, and its first round is not cold."""
+    before = run_ids()
+    proc = run_site(LOCAL_INVENTORY, "-e", "flower_run_policy=always")
+    assert proc.returncode == 0
+    new = [r for r in run_ids() if r not in before]
+    assert len(new) == 1, new
+    first, second = history(lab["run_id"]), history(new[0])
+    assert second["status"] == "completed" and second["rounds"][-1]["accuracy"] > 0.5
+    # The first run's round 1 traced the model in every trainer; the second run's round 1 does not.
+    slowest = lambda h: h["rounds"][0]["slowest_fit_seconds"]  # noqa: E731
+    assert slowest(second) < slowest(first), (slowest(first), slowest(second))
+    lab["run_id"] = new[0]
+
+
+@pytest.fixture
+def busy_machine(tmp_path):
+    """A CPU hog on every core and a disk writer, each bounded in time and stopped by the fixture."""
+    cores = os.cpu_count() or 2
+    hogs = [subprocess.Popen(["timeout", "900", sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    writer = subprocess.Popen(
+        ["timeout", "900", "sh", "-c",
+         f"while true; do dd if=/dev/zero of={tmp_path}/load bs=1M count=256 conv=fsync 2>/dev/null; done"]
+    )  # fmt: skip
+    yield
+    for p in [*hogs, writer]:
+        p.terminate()
+    for p in [*hogs, writer]:
+        p.wait(timeout=30)
+
+
+def test_a_run_completes_on_a_busy_machine(lab, busy_machine):
+    load_before = os.getloadavg()[0]
+    before = run_ids()
+    proc = run_site(LOCAL_INVENTORY, "-e", "flower_run_policy=always")
+    load_during = os.getloadavg()[0]
+    assert proc.returncode == 0, "the run on a busy machine failed"
+    new = [r for r in run_ids() if r not in before]
+    hist = history(new[0])
+    assert hist["status"] == "completed" and hist["rounds"][-1]["accuracy"] > 0.5
+    print(f"load average {load_before:.1f} before, {load_during:.1f} at the end of the run")
+    assert load_during >= (os.cpu_count() or 2), "the machine was not busy"
+
+
+def test_a_failed_run_is_reported_and_started_again(lab, inventory_copy):
+    """fail-at-round makes the ServerApp fail in round 2: metrics, alert, summary say so; `once` retries."""
+    run_yml = inventory_copy / "group_vars" / "all" / "run.yml"
+    data = yaml.safe_load(run_yml.read_text())
+    data["lab_run_config"]["fail-at-round"] = 2
+    run_yml.write_text(yaml.safe_dump(data))
+    before = run_ids()
+    proc = run_site(inventory_copy)
+    assert proc.returncode != 0, "a failed run must fail the play (after the summary)"
+    failed = [r for r in run_ids() if r not in before]
+    assert len(failed) == 1
+    assert f"Run: {failed[0]} (finished:failed)" in proc.stdout
+    assert "InjectedFailure" in proc.stdout and "Fail when the run the play waited for did not complete" in proc.stdout
+    assert history(failed[0])["status"] == "failed"
+
+    def alert():
+        return [a for a in firing_alerts() if a["labels"]["alertname"] == "FlowerRunFailed"]
+
+    fired = wait_for("FlowerRunFailed to fire", alert, timeout=120, interval=5)
+    assert fired[0]["labels"]["run_id"] == failed[0]
+    # The same configuration again: `once` starts a new run because the last one failed.
+    again = run_site(inventory_copy)
+    assert "starting a new run" in again.stdout, "once did not start the failed configuration again"
+    assert len([r for r in run_ids() if r not in before]) == 2
+    # Back to the committed inventory: a run that completes clears the alert.
+    assert run_site(LOCAL_INVENTORY).returncode == 0
+    wait_for("FlowerRunFailed to clear", lambda: not alert(), timeout=120, interval=5)
