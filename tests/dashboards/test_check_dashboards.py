@@ -245,6 +245,8 @@ APP_METRICS = "\n".join(
         "flowerlab_run_active 1",
         "flowerlab_nodes_connected 2",
         'flowerlab_run_info{run_id="123"} 1',
+        'flowerlab_run_status{run_id="123",status="running"} 1',
+        'flowerlab_run_status{run_id="123",status="failed"} 0',
     ]
     + [
         f"{metric}{{{CLIENT.format(c=c, t=t, h=h)}}} {value}"
