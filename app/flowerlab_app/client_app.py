@@ -17,8 +17,6 @@ from .settings import NodeSettings, RunSettings, data_dir
 
 app = ClientApp()
 _local_trainer = None
-# Flower loads this module after its own start-up: what came before is process start and Flower's import.
-LOADED_UNIX = time.time()
 
 
 def _request(msg: Message, context: Context) -> tuple[NodeSettings, dict]:
@@ -77,7 +75,6 @@ def train(msg: Message, context: Context) -> Message:
         "batch-size": node.batch_size,
         **answer["metrics"],
         # Where the round's time goes besides training (see server_app.Recorder.end_round).
-        "app-loaded-unix": LOADED_UNIX,
         "trainer-called-unix": called,
         "trainer-answered-unix": time.time(),
     }

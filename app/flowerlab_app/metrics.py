@@ -23,6 +23,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .control import RUN_STATUSES, lab_status, latest, list_runs
+
 SNAPSHOT = "metrics-snapshot.json"
 RUNS = "runs.json"
 MARKER = "flowerlab_exporter_info"
@@ -75,8 +77,6 @@ class RunWatcher:
         threading.Thread(target=self._loop, name="run-watcher", daemon=True).start()
 
     def _loop(self) -> None:
-        from .control import list_runs
-
         while True:
             try:
                 self.runs = list_runs(self.address)
@@ -104,8 +104,6 @@ class SnapshotCollector(Collector):
 
     def status(self, snap: dict) -> tuple[str, str] | None:
         """(run id, status) of the latest run: the SuperLink's word when it answers, else the snapshot's."""
-        from .control import lab_status, latest
-
         runs = self.watcher.runs if self.watcher else None
         if runs is not None:
             last = latest(runs)
@@ -115,8 +113,6 @@ class SnapshotCollector(Collector):
         return None
 
     def collect(self):
-        from .control import RUN_STATUSES, lab_status
-
         snap = self.read()
         info = GaugeMetricFamily(MARKER, "Exporter of the lab's ServerApp metrics", labels=["snapshot"])
         info.add_metric([str(self.path)], 1)

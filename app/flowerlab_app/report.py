@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from statistics import mean, median
 
+from .control import lab_status
+
 RUNS_FRESH_SECONDS = 120
 
 
 def superlink_status(run_dir: Path) -> str | None:
     """The run's status as the SuperLink last reported it (runs.json of the exporter), if fresh."""
-    from .control import lab_status
-
     try:
         runs = json.loads((run_dir.parent / "runs.json").read_text())
     except (OSError, ValueError):
@@ -48,13 +48,19 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def clients_by_tier(rounds: list[dict]) -> dict[str, list[dict]]:
+    """Every client entry of these rounds that trained (has fit seconds), grouped by tier."""
+    tiers: dict[str, list[dict]] = {}
+    for rnd in rounds:
+        for client in rnd["clients"].values():
+            if client.get("fit-seconds") is not None:
+                tiers.setdefault(client["tier"], []).append(client)
+    return tiers
+
+
 def tier_fit_seconds(rnd: dict) -> dict[str, float]:
     """Mean fit seconds per tier in one round."""
-    tiers: dict[str, list[float]] = {}
-    for client in rnd["clients"].values():
-        if client.get("fit-seconds") is not None:
-            tiers.setdefault(client["tier"], []).append(client["fit-seconds"])
-    return {tier: mean(values) for tier, values in tiers.items()}
+    return {tier: mean(c["fit-seconds"] for c in entries) for tier, entries in clients_by_tier([rnd]).items()}
 
 
 def round_line(rnd: dict) -> str:
@@ -81,22 +87,15 @@ def summary(history: dict) -> list[str]:
         f"mean round {mean(r['round_seconds'] for r in rounds):.1f} s, "
         f"mean overhead {mean(r['overhead_seconds'] for r in rounds):.1f} s"
     )
-    per_tier: dict[str, dict[str, list[float]]] = {}
-    for r in rounds:
-        for c in r["clients"].values():
-            entry = per_tier.setdefault(c["tier"], {"fit": [], "rate": [], "cpus": []})
-            if c.get("fit-seconds") is not None:
-                entry["fit"].append(c["fit-seconds"])
-                entry["rate"].append(c.get("samples-per-second") or 0.0)
-                entry["cpus"].append(c.get("cpu-limit-cores") or 0.0)
-    for tier, v in sorted(per_tier.items(), key=lambda kv: -median(kv[1]["fit"] or [0])):
-        if not v["fit"]:
-            continue
-        cpus = mean(v["cpus"])
-        per_core = f", {median(v['rate']) / cpus:.0f} samples/s per core of budget" if cpus else ""
+    per_tier = clients_by_tier(rounds)
+    for tier, entries in sorted(per_tier.items(), key=lambda kv: -median(c["fit-seconds"] for c in kv[1])):
+        fits = [c["fit-seconds"] for c in entries]
+        rates = [c.get("samples-per-second") or 0.0 for c in entries]
+        cpus = mean(c.get("cpu-limit-cores") or 0.0 for c in entries)
+        per_core = f", {median(rates) / cpus:.0f} samples/s per core of budget" if cpus else ""
         lines.append(
-            f"tier {tier}: fit {median(v['fit']):.1f} s per round (median; min {min(v['fit']):.1f}, "
-            f"max {max(v['fit']):.1f}), {median(v['rate']):.0f} samples/s{per_core}"
+            f"tier {tier}: fit {median(fits):.1f} s per round (median; min {min(fits):.1f}, "
+            f"max {max(fits):.1f}), {median(rates):.0f} samples/s{per_core}"
         )
     return lines
 

@@ -131,6 +131,7 @@ class Recorder:
     def start_round(self, server_round: int, nodes: int) -> None:
         self.nodes = nodes
         self.current = {"round": server_round, "started": time.monotonic(), "sent_unix": time.time(), "clients": {}}
+        self.publish()
 
     def add_clients(self, replies: Iterable[Message], key: str) -> None:
         for msg in replies:
@@ -151,7 +152,7 @@ class Recorder:
         clients = cur["clients"].values()
         slowest = max((c.get("fit-seconds", 0.0) for c in clients), default=0.0)
         for c in clients:  # before the trainer was called, and after it answered (see client_app)
-            if c.get("app-loaded-unix"):
+            if c.get("trainer-called-unix"):
                 c["dispatch-seconds"] = c["trainer-called-unix"] - cur["sent_unix"]
                 c["return-seconds"] = ended - c["trainer-answered-unix"]
         fed_accuracy = federated.get("eval-accuracy") if federated else None

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from statistics import mean, pstdev
 
+from flowerlab_app.report import clients_by_tier
+
 ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = ROOT / "inventory" / "local"
 SUPERLINK = "flowerlab-superlink"
@@ -75,14 +77,15 @@ def figures(label: str, hist: dict) -> dict:
             f"  {r['overhead_seconds']:10.1f}  {slow.get('dispatch-seconds', float('nan')):10.1f}"
             f"  {slow.get('return-seconds', float('nan')):8.1f}  {fits}"
         )
-    by_tier: dict[str, dict[str, list[float]]] = {}
-    for r in later:
-        for c in r["clients"].values():
-            t = by_tier.setdefault(c["tier"], {"fit": [], "per_core": [], "peak": [], "cpus": []})
-            t["fit"].append(c["fit-seconds"])
-            t["per_core"].append(c["samples-per-second"] / c["cpu-limit-cores"])
-            t["peak"].append(c["memory-peak-bytes"])
-            t["cpus"].append(c["cpu-limit-cores"])
+    by_tier = {
+        tier: {
+            "fit": [c["fit-seconds"] for c in entries],
+            "per_core": [c["samples-per-second"] / c["cpu-limit-cores"] for c in entries],
+            "peak": [c["memory-peak-bytes"] for c in entries],
+            "cpus": [c["cpu-limit-cores"] for c in entries],
+        }
+        for tier, entries in clients_by_tier(later).items()
+    }
     for tier, t in sorted(by_tier.items(), key=lambda kv: mean(kv[1]["cpus"])):
         print(
             f"tier {tier:<8} cpus {mean(t['cpus']):.2f}: fit {mean(t['fit']):.2f} s (sd {pstdev(t['fit']):.2f}), "
