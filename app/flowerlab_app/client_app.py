@@ -43,7 +43,6 @@ def _request(msg: Message, context: Context) -> tuple[NodeSettings, dict]:
         "learning_rate": node.learning_rate,
         "epochs": int(config.get("local-epochs", run.local_epochs)),
         "server_round": int(config.get("server-round", 0)),
-        "evaluate_received": bool(config.get("evaluate-received", True)),
         "packed": msg.content["arrays"].to_numpy_ndarrays()[0],  # one flat array (task.get_packed)
     }
     return node, request

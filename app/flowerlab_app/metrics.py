@@ -102,9 +102,9 @@ class SnapshotCollector(Collector):
         except (OSError, ValueError):
             return {}
 
-    def status(self, snap: dict) -> tuple[str, str] | None:
-        """(run id, status) of the latest run: the SuperLink's word when it answers, else the snapshot's."""
-        runs = self.watcher.runs if self.watcher else None
+    @staticmethod
+    def status(snap: dict, runs: list[dict] | None) -> tuple[str, str] | None:
+        """(run id, status) of the latest run: the SuperLink's word when it answered, else the snapshot's."""
         if runs is not None:
             last = latest(runs)
             return (str(last["run-id"]), lab_status(last["status"])) if last else None
@@ -117,19 +117,20 @@ class SnapshotCollector(Collector):
         info = GaugeMetricFamily(MARKER, "Exporter of the lab's ServerApp metrics", labels=["snapshot"])
         info.add_metric([str(self.path)], 1)
         yield info
+        runs = self.watcher.runs if self.watcher else None  # read once: the watcher replaces it meanwhile
         if self.watcher:
             yield GaugeMetricFamily(
                 "flowerlab_superlink_up",
                 "1 when the SuperLink's Control API answered the exporter's last poll",
-                value=0 if self.watcher.runs is None else 1,
+                value=0 if runs is None else 1,
             )
-            if self.watcher.runs is not None:
+            if runs is not None:
                 counts = GaugeMetricFamily("flowerlab_runs", "Runs the SuperLink knows, by status", labels=["status"])
                 for status in RUN_STATUSES:
-                    n = sum(1 for r in self.watcher.runs if lab_status(r["status"]) == status)
+                    n = sum(1 for r in runs if lab_status(r["status"]) == status)
                     counts.add_metric([status], n)
                 yield counts
-        current = self.status(snap)
+        current = self.status(snap, runs)
         if current:
             run_id, status = current
             family = GaugeMetricFamily(

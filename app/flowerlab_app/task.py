@@ -164,7 +164,7 @@ class Trainer:
         )
         model = self.model(request["alpha"], request["packed"])
         metrics: dict[str, float] = {}
-        if request.get("evaluate_received", True) and len(y_test):
+        if len(y_test):
             loss, accuracy = evaluate(model, x_test, y_test, batch_size=request["batch_size"])
             metrics.update(
                 {"received-eval-loss": loss, "received-eval-accuracy": accuracy, "eval-examples": len(y_test)}
