@@ -35,4 +35,4 @@ ANSIBLE_CONFIG=$PWD/ansible.cfg ANSIBLE_ROLES_PATH=$PWD/roles \
   .venv/bin/ansible-playbook -i localhost, tests/engine.yml >/tmp/flowerlab-engine.log 2>&1 \
   || { tail -40 /tmp/flowerlab-engine.log; echo "setup: the docker role could not start an engine" >&2; exit 1; }
 echo "setup: Docker engine $(docker version --format '{{.Server.Version}}')"
-echo "setup: ready (.venv: $(.venv/bin/ansible --version | head -1))"
+echo "setup: ready (.venv: $(.venv/bin/ansible --version | sed -n 1p))"

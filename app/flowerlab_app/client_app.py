@@ -12,7 +12,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import data, trainer
+from . import data, telemetry, trainer
 from .settings import NodeSettings, RunSettings, data_dir
 
 app = ClientApp()
@@ -38,11 +38,14 @@ def _request(msg: Message, context: Context) -> tuple[NodeSettings, dict]:
         "partition_id": node.partition_id,
         "percentage": run.data_sample_percentage,
         "seed": run.seed,
+        "training_seed": run.model_seed(),
         "alpha": run.model_alpha,
         "batch_size": node.batch_size,
         "learning_rate": node.learning_rate,
         "epochs": int(config.get("local-epochs", run.local_epochs)),
         "server_round": int(config.get("server-round", 0)),
+        # Seconds this device may train this round (straggler-policy deadline; 0: local-epochs).
+        "budget_seconds": float(config.get("budget-seconds", 0.0)),
         "packed": msg.content["arrays"].to_numpy_ndarrays()[0],  # one flat array (task.get_packed)
     }
     return node, request
@@ -53,7 +56,10 @@ def _call(op: str, request: dict) -> dict:
     global _local_trainer
     path = trainer.socket_path()
     if path is not None:
-        return trainer.call(path, op, request)
+        try:
+            return trainer.call(path, op, request)
+        except trainer.TrainerError as err:
+            raise trainer.TrainerError(f"{err}{telemetry.oom_note()}") from err
     if _local_trainer is None:
         from .task import Trainer
 
@@ -72,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     answer = _call("train", request)
     metrics = {
         "batch-size": node.batch_size,
-        **answer["metrics"],
+        **{k: v for k, v in answer["metrics"].items() if v is not None},
         # Where the round's time goes besides training (see server_app.Recorder.end_round).
         "trainer-called-unix": called,
         "trainer-answered-unix": time.time(),
@@ -87,9 +93,20 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def _metrics_reply(op: str, msg: Message, context: Context) -> Message:
+    """Ask the trainer for `op` on the received model; reply with its metrics and this device."""
     node, request = _request(msg, context)
-    answer = _call("evaluate", request)
+    answer = _call(op, request)
     content = RecordDict({"metrics": MetricRecord(answer["metrics"]), "device": _device(node)})
     return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """This device's training speed (seconds per step), measured by its trainer: a deadline budget's input."""
+    return _metrics_reply("speed", msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _metrics_reply("evaluate", msg, context)

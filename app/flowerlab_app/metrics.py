@@ -1,10 +1,13 @@
 """Prometheus metrics of the ServerApp.
 
 Flower starts a new ServerApp process for every run, so the endpoint cannot live in that process
-alone: the ServerApp writes a snapshot file after every round and makes sure one exporter process
-(prometheus_client, started from the ServerApp and outliving it) serves that file on `metrics-port`.
-A second run reuses the running exporter instead of failing on a busy port, and the values of a
-finished run stay readable until the next run replaces them.
+alone: the ServerApp writes a snapshot file after every round, and one exporter process serves that
+file. In the lab that is its own container (`flowerlab-serverapp-metrics`, which also watches the
+SuperLink's run statuses; the SuperLink's environment names it in FLOWERLAB_METRICS_EXPORTER). Run
+anywhere else (loopback, `flwr run` by hand), the ServerApp makes sure one exporter process
+(prometheus_client, started from the ServerApp and outliving it) serves the file on `metrics-port`;
+a second run reuses it instead of failing on a busy port, and the values of a finished run stay
+readable until the next run replaces them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from prometheus_client.registry import Collector
 from .control import RUN_STATUSES, lab_status, latest, list_runs
 
 SNAPSHOT = "metrics-snapshot.json"
+# Set (to the serving container's name) where something else serves the snapshot: the lab's
+# serverapp-metrics container. The ServerApp then starts no exporter of its own.
+EXPORTER_ENV = "FLOWERLAB_METRICS_EXPORTER"
 RUNS = "runs.json"
 MARKER = "flowerlab_exporter_info"
 CLIENT_LABELS = ["client", "tier", "host"]
@@ -45,7 +51,32 @@ RUN_GAUGES = {
     "flowerlab_round_duration_seconds": ("round_seconds", "Wall-clock seconds of the last round"),
     "flowerlab_round_overhead_seconds": ("overhead_seconds", "Round seconds minus the slowest client's fit seconds"),
     "flowerlab_run_active": ("active", "1 while the current run is pending, starting or running, 0 once it ended"),
-    "flowerlab_nodes_connected": ("nodes", "SuperNodes connected when the last round started"),
+    "flowerlab_nodes_connected": ("nodes", "SuperNodes connected when the last round (or the run) started"),
+    "flowerlab_run_progress_unix": (
+        "progress_unix",
+        "Unix time of the current run's last completed round (its start before round 1 ends)",
+    ),
+    "flowerlab_round_idle_fraction": (
+        "idle_fraction",
+        "Straggler idle fraction of the last round: sum(slowest fit - own fit) / (clients x round seconds)",
+    ),
+    "flowerlab_round_budget_seconds": (
+        "budget_seconds",
+        "Training seconds each client was given in the last round (straggler-policy deadline; 0: local-epochs)",
+    ),
+    "flowerlab_dropped_replies": (
+        "dropped",
+        "Train replies the current run's rounds closed without (a straggler past the deadline, a SuperNode that "
+        "died or restarted during the round)",
+    ),
+    "flowerlab_failed_replies": (
+        "failed",
+        "Train replies of the current run that were errors (a SuperNode found unavailable, a ClientApp that failed)",
+    ),
+    "flowerlab_oom_failed_replies": (
+        "oom_failures",
+        "Train replies of the current run that failed because the client's container ran out of memory",
+    ),
 }
 CLIENT_GAUGES = {
     "flowerlab_client_fit_seconds": ("fit-seconds", "Seconds the client spent in local training (last round)"),
@@ -59,6 +90,9 @@ CLIENT_GAUGES = {
     "flowerlab_client_memory_peak_bytes": ("memory-peak-bytes", "Peak memory of the client's cgroup"),
     "flowerlab_client_cpu_seconds": ("cpu-seconds", "CPU seconds the client used during its last fit"),
     "flowerlab_client_batch_size": ("batch-size", "Batch size the client trained with"),
+    "flowerlab_client_idle_seconds": ("idle-seconds", "Seconds the client waited for the slowest client (last round)"),
+    "flowerlab_client_samples_trained": ("samples-trained", "Samples the client trained on in its last round"),
+    "flowerlab_client_oom_kills": ("oom-kills", "Processes the OOM killer killed in the client's container so far"),
 }
 
 
@@ -69,17 +103,22 @@ class RunWatcher:
     reads, so nothing else needs to ask the SuperLink while a run trains.
     """
 
-    def __init__(self, address: str, runs_file: Path | None = None, interval: float = 10.0):
+    def __init__(
+        self, address: str, runs_file: Path | None = None, interval: float = 10.0, root_certificates: str | None = None
+    ):
         self.address = address
+        self.root_certificates = root_certificates
         self.runs_file = runs_file
         self.interval = interval
         self.runs: list[dict] | None = None  # None: the SuperLink did not answer the last poll
+        self.polled = 0.0  # when `runs` was read (unix time)
         threading.Thread(target=self._loop, name="run-watcher", daemon=True).start()
 
     def _loop(self) -> None:
         while True:
             try:
-                self.runs = list_runs(self.address)
+                polled = time.time()
+                self.runs, self.polled = list_runs(self.address, self.root_certificates), polled
             except BaseException as err:  # noqa: BLE001 - Flower's CLI helpers exit on errors
                 if isinstance(err, KeyboardInterrupt):
                     raise
@@ -98,16 +137,28 @@ class SnapshotCollector(Collector):
 
     def read(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            snap = json.loads(self.path.read_text())
+            snap["_written"] = self.path.stat().st_mtime
+            return snap
         except (OSError, ValueError):
             return {}
 
     @staticmethod
-    def status(snap: dict, runs: list[dict] | None) -> tuple[str, str] | None:
-        """(run id, status) of the latest run: the SuperLink's word when it answered, else the snapshot's."""
+    def status(snap: dict, runs: list[dict] | None, polled: float = 0.0) -> tuple[str, str] | None:
+        """(run id, status) of the latest run: the SuperLink's word when it answered, else the snapshot's.
+
+        A run the snapshot shows running that a SuperLink polled after the snapshot was written does not
+        know is failed: the SuperLink restarted with an empty state during it, and nothing will end it.
+        A SuperLink that knows no run at all (restarted) leaves the snapshot's word for its run.
+        """
         if runs is not None:
+            run_id = str(snap.get("run_id") or "")
+            lost = polled > snap.get("_written", float("inf")) and all(str(r["run-id"]) != run_id for r in runs)
+            if run_id and snap.get("status") == "running" and lost:
+                return run_id, "failed"
             last = latest(runs)
-            return (str(last["run-id"]), lab_status(last["status"])) if last else None
+            if last:
+                return str(last["run-id"]), lab_status(last["status"])
         if snap.get("run_id"):
             return str(snap["run_id"]), str(snap.get("status", "running" if snap.get("active") else "completed"))
         return None
@@ -117,7 +168,8 @@ class SnapshotCollector(Collector):
         info = GaugeMetricFamily(MARKER, "Exporter of the lab's ServerApp metrics", labels=["snapshot"])
         info.add_metric([str(self.path)], 1)
         yield info
-        runs = self.watcher.runs if self.watcher else None  # read once: the watcher replaces it meanwhile
+        # Read once: the watcher replaces them meanwhile.
+        runs, polled = (self.watcher.runs, self.watcher.polled) if self.watcher else (None, 0.0)
         if self.watcher:
             yield GaugeMetricFamily(
                 "flowerlab_superlink_up",
@@ -130,7 +182,7 @@ class SnapshotCollector(Collector):
                     n = sum(1 for r in runs if lab_status(r["status"]) == status)
                     counts.add_metric([status], n)
                 yield counts
-        current = self.status(snap, runs)
+        current = self.status(snap, runs, polled)
         if current:
             run_id, status = current
             family = GaugeMetricFamily(
@@ -145,8 +197,10 @@ class SnapshotCollector(Collector):
                 snap["active"] = 1 if status in ("pending", "starting", "running") else 0
         if not snap:
             return
-        run = GaugeMetricFamily("flowerlab_run_info", "The run whose values the other series show", labels=["run_id"])
-        run.add_metric([str(snap.get("run_id", ""))], 1)
+        run = GaugeMetricFamily(
+            "flowerlab_run_info", "The run whose values the other series show", labels=["run_id", "policy"]
+        )
+        run.add_metric([str(snap.get("run_id", "")), str(snap.get("policy", "static"))], 1)
         yield run
         for name, (key, doc) in RUN_GAUGES.items():
             if snap.get(key) is not None:
@@ -191,7 +245,12 @@ def ensure_exporter(port: int, directory: Path, wait: float = 15.0) -> bool:
     """Make sure an exporter serves `directory`'s snapshot on `port`; never raises.
 
     Returns False (and the run goes on without an endpoint) when the port is held by something else.
+    Where EXPORTER_ENV names the exporter (the lab's own container), starts nothing.
     """
+    served_by = os.environ.get(EXPORTER_ENV)
+    if served_by:
+        print(f"metrics: the snapshot in {directory} is served by {served_by}", flush=True)
+        return True
     wanted = str(directory / SNAPSHOT)
     served = exporter_snapshot(port)
     if served == wanted:
@@ -218,9 +277,15 @@ def ensure_exporter(port: int, directory: Path, wait: float = 15.0) -> bool:
     return False
 
 
-def serve(port: int, snapshot: Path, address: str = "0.0.0.0", superlink: str | None = None) -> None:
+def serve(
+    port: int,
+    snapshot: Path,
+    address: str = "0.0.0.0",
+    superlink: str | None = None,
+    root_certificates: str | None = None,
+) -> None:
     """Serve the snapshot forever (the exporter process); with `superlink`, also its runs' statuses."""
-    watcher = RunWatcher(superlink, snapshot.parent / RUNS) if superlink else None
+    watcher = RunWatcher(superlink, snapshot.parent / RUNS, root_certificates=root_certificates) if superlink else None
     REGISTRY.register(SnapshotCollector(snapshot, watcher))
     start_http_server(port, addr=address)
     (snapshot.parent / "exporter.pid").write_text(f"{os.getpid()}\n")
@@ -234,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snapshot", type=Path, required=True)
     parser.add_argument("--address", default="0.0.0.0")
     parser.add_argument("--superlink", help="HOST:PORT of the SuperLink whose run statuses to export")
+    parser.add_argument("--root-certificates", help="CA certificate of the SuperLink's TLS (default: insecure)")
     args = parser.parse_args(argv)
     try:
-        serve(args.port, args.snapshot, args.address, args.superlink)
+        serve(args.port, args.snapshot, args.address, args.superlink, args.root_certificates)
     except OSError as err:  # port taken: the ServerApp reports it, the run goes on
         print(f"metrics exporter: cannot listen on {args.address}:{args.port}: {err}", file=sys.stderr)
         return 1

@@ -5,7 +5,8 @@
 
 Reads the history.json the ServerApp writes after every round. A run whose ServerApp died without
 a word stays "running" there; the SuperLink's status, as the metrics exporter last wrote it to
-runs.json beside the run directories, corrects it.
+runs.json beside the run directories, corrects it (and a run that a SuperLink polled after the
+history was written no longer lists was lost with its state when it restarted: failed).
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ def superlink_status(run_dir: Path) -> str | None:
     if time.time() - runs.get("polled_unix", 0) > RUNS_FRESH_SECONDS:
         return None
     found = [r for r in runs.get("runs", []) if str(r.get("run-id")) == run_dir.name]
-    return lab_status(found[0]["status"]) if found else None
+    if found:
+        return lab_status(found[0]["status"])
+    try:  # polled after the history was written and the run is not there: a restarted SuperLink lost it
+        lost = runs.get("polled_unix", 0) > (run_dir / "history.json").stat().st_mtime
+    except OSError:
+        lost = False
+    return "failed" if lost else None
 
 
 def run_status(history: dict | None, run_dir: Path) -> str:
@@ -67,16 +74,43 @@ def round_line(rnd: dict) -> str:
     """One line per round: accuracy, round and overhead seconds, fit seconds per tier (slowest first)."""
     tiers = sorted(tier_fit_seconds(rnd).items(), key=lambda kv: -kv[1])
     fits = ", ".join(f"{tier} {seconds:.1f}" for tier, seconds in tiers) or "none"
+    extra = ""
+    if rnd.get("idle_fraction") is not None:
+        extra += f", idle {rnd['idle_fraction']:.2f}"
+    if rnd.get("budget_seconds"):
+        extra += f", budget {rnd['budget_seconds']:.1f} s"
+    if rnd.get("deadline_seconds") is not None:
+        extra += f", deadline {rnd['deadline_seconds']:.1f} s, dropped {rnd.get('dropped', 0)}"
+    elif rnd.get("missing"):
+        extra += f", no reply from {', '.join(rnd['missing'])}"
+    if rnd.get("failed"):
+        extra += f", failed: {', '.join(e['client'] for e in rnd['failed'])}"
     return (
         f"round {rnd['round']}: accuracy {_pct(rnd.get('accuracy'))}, {rnd['round_seconds']:.1f} s "
-        f"(overhead {rnd['overhead_seconds']:.1f} s); fit seconds per tier: {fits}"
+        f"(overhead {rnd['overhead_seconds']:.1f} s{extra}); fit seconds per tier: {fits}"
     )
+
+
+def time_to_accuracy(history: dict, target: float) -> float | None:
+    """Seconds from the run's start to the end of the first round whose accuracy reached `target`."""
+    for rnd in history.get("rounds", []):
+        if rnd.get("accuracy") is not None and rnd["accuracy"] >= target:
+            return rnd.get("elapsed_seconds")
+    return None
+
+
+def mean_idle_fraction(history: dict) -> float | None:
+    values = [r["idle_fraction"] for r in history.get("rounds", []) if r.get("idle_fraction") is not None]
+    return mean(values) if values else None
 
 
 def summary(history: dict) -> list[str]:
     """Status, final accuracy, wall time, and per-tier fit seconds (median, min, max) and throughput."""
     rounds = history.get("rounds", [])
-    lines = [f"run {history['run_id']}: {history.get('status', '?')}, {len(rounds)} of {history['num_rounds']} rounds"]
+    lines = [
+        f"run {history['run_id']}: {history.get('status', '?')}, {len(rounds)} of {history['num_rounds']} rounds, "
+        f"straggler policy {history.get('policy', 'static')}"
+    ]
     if history.get("error"):
         lines.append(f"error: {history['error']}")
     if not rounds:
@@ -85,7 +119,8 @@ def summary(history: dict) -> list[str]:
     lines.append(
         f"final accuracy {_pct(last.get('accuracy'))} after {last.get('elapsed_seconds', 0):.0f} s; "
         f"mean round {mean(r['round_seconds'] for r in rounds):.1f} s, "
-        f"mean overhead {mean(r['overhead_seconds'] for r in rounds):.1f} s"
+        f"mean overhead {mean(r['overhead_seconds'] for r in rounds):.1f} s, "
+        f"mean straggler idle fraction {_pct(mean_idle_fraction(history))}"
     )
     per_tier = clients_by_tier(rounds)
     for tier, entries in sorted(per_tier.items(), key=lambda kv: -median(c["fit-seconds"] for c in kv[1])):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .policy import Policy, PolicyError
+
 
 class ConfigError(ValueError):
     """A node or run config value is missing or malformed."""
@@ -89,6 +91,11 @@ class RunSettings:
     central_evaluation: bool
     results_dir: str
     fail_at_round: int = 0
+    straggler_policy: str = "static"
+    deadline_seconds: float = 0.0
+    deadline_slack: float = 0.2
+    training_seed: int = 0
+    reply_timeout: float = 0.0
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -111,7 +118,22 @@ class RunSettings:
             central_evaluation=_get(config, "central-evaluation", bool, where),
             results_dir=_get(config, "results-dir", str, where),
             fail_at_round=_get(config, "fail-at-round", int, where) if "fail-at-round" in config else 0,
+            **{
+                field: _get(config, key, kind, where)
+                for field, key, kind in (
+                    ("straggler_policy", "straggler-policy", str),
+                    ("deadline_seconds", "deadline-seconds", float),
+                    ("deadline_slack", "deadline-slack", float),
+                    ("training_seed", "training-seed", int),
+                    ("reply_timeout", "reply-timeout", float),
+                )
+                if key in config
+            },
         )
+        try:
+            s.policy()
+        except PolicyError as err:
+            raise ConfigError(str(err)) from err
         if s.partitioner not in PARTITIONERS:
             raise ConfigError(f"{where}: key 'partitioner' is {s.partitioner!r}; allowed: {', '.join(PARTITIONERS)}")
         if not 0 < s.data_sample_percentage <= 100:
@@ -124,9 +146,21 @@ class RunSettings:
             raise ConfigError(f"{where}: fraction-train must be in (0, 1] and fraction-evaluate in [0, 1]")
         if s.fail_at_round < 0:
             raise ConfigError(f"{where}: key 'fail-at-round' is {s.fail_at_round}; expected 0 (never) or a round")
+        if s.reply_timeout < 0:
+            raise ConfigError(
+                f"{where}: key 'reply-timeout' is {s.reply_timeout}; expected 0 (3x the slowest reply) or seconds > 0"
+            )
         if s.metrics_port == 8000:
             raise ConfigError(f"{where}: key 'metrics-port' is 8000, the SuperLink's port; choose another")
         return s
+
+    def model_seed(self) -> int:
+        """Seed of the initial model and the local shuffling: training-seed, or seed when that is 0."""
+        return self.training_seed or self.seed
+
+    def policy(self) -> Policy:
+        """The run's straggler policy (policy.py)."""
+        return Policy(self.straggler_policy, self.deadline_seconds, self.deadline_slack)
 
     def results_root(self) -> Path:
         root = self.results_dir or os.environ.get("FLOWERLAB_RESULTS_DIR") or "~/.flowerlab/results"

@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from .policy import step_budget, steps_per_epoch  # noqa: E402
 from .telemetry import Cgroup, FitMeter, tf_threads  # noqa: E402
 
 NUM_CLASSES = 10
@@ -23,6 +24,8 @@ NUM_CLASSES = 10
 # while training accuracy climbs. 0.9 follows the data within a round.
 BATCHNORM_MOMENTUM = 0.9
 _configured = False
+# Steps a trainer takes to measure its speed when a run asks for it before training (straggler-policy deadline).
+CALIBRATION_STEPS = 10
 
 
 def configure_tensorflow(threads: int | None = None) -> int:
@@ -108,19 +111,74 @@ def shuffled(x: np.ndarray, y: np.ndarray, seed: int, epochs: int) -> tuple[np.n
     return x[order], y[order]
 
 
-def fit(model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, learning_rate: float, seed: int) -> dict:
-    """Train a compiled model for `epochs` over (x, y); time only the training itself."""
+def step_timer(stop_after: float | None = None):
+    """A Keras callback timing steps: `seconds_per_step()` over a fit, not counting its first step (may trace).
+
+    With `stop_after`, it ends the fit after the step during which that many seconds have passed.
+    """
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.started = time.perf_counter()
+            self.ends: list[float] = []
+            self.stopped = False
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+            if stop_after is not None and self.ends[-1] - self.started >= stop_after:
+                self.stopped = True
+                self.model.stop_training = True
+
+        def seconds_per_step(self) -> float | None:
+            if len(self.ends) < 2:
+                return None
+            return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
+
+    return StepTimer()
+
+
+def fit(
+    model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    steps: int | None = None,
+    stop_after: float | None = None,
+) -> dict:
+    """Train a compiled model for `epochs` over (x, y), or for `steps` full batches; time only training.
+
+    `steps` (a step budget) draws the batches from seeded permutations of the partition, one after
+    another, so a budget larger than an epoch goes on into the next one. `stop_after` seconds end the
+    fit early when the device runs slower than the steps were planned for (a busy machine, a stall).
+    """
     reset_optimizer(model, learning_rate)
-    xs, ys = shuffled(x, y, seed, epochs)
+    if steps is None:
+        xs, ys = shuffled(x, y, seed, epochs)
+    else:
+        xs, ys = shuffled(x, y, seed, -(-steps * batch_size // len(y)))
+        xs, ys = xs[: steps * batch_size], ys[: steps * batch_size]
+    timer = step_timer(stop_after)
     started = time.perf_counter()
-    history = model.fit(xs, ys, epochs=1, batch_size=batch_size, verbose=0, shuffle=False)
+    history = model.fit(xs, ys, epochs=1, batch_size=batch_size, verbose=0, shuffle=False, callbacks=[timer])
     seconds = time.perf_counter() - started
+    done = len(timer.ends)
+    samples = min(done * batch_size, len(ys))
     return {
         "train-loss": float(history.history["loss"][-1]),
         "train-accuracy": float(history.history["accuracy"][-1]),
         "fit-seconds": seconds,
-        "samples-per-second": len(ys) / seconds if seconds > 0 else 0.0,
-        "steps": -(-len(ys) // batch_size),
+        "samples-per-second": samples / seconds if seconds > 0 else 0.0,
+        "steps": done,
+        "planned-steps": -(-len(ys) // batch_size),
+        "stopped-at-budget": int(timer.stopped),
+        "samples-trained": samples,
+        "step-seconds": timer.seconds_per_step(),
     }
 
 
@@ -137,6 +195,8 @@ class Trainer:
         self.threads = configure_tensorflow(threads or tf_threads(self.cgroup))
         self._models: dict[float, object] = {}
         self._partitions: dict[tuple, tuple[np.ndarray, ...]] = {}
+        # Measured seconds per training step, per (model width, batch size): the speed a step budget uses.
+        self._step_seconds: dict[tuple[float, int], float] = {}
 
     def model(self, alpha: float, packed: np.ndarray):
         """The compiled model of width `alpha` holding the `packed` weights; built and compiled once per width."""
@@ -162,13 +222,24 @@ class Trainer:
         x_train, y_train, x_test, y_test = self.partition(
             Path(request["data_dir"]), request["partition_id"], request["percentage"], request["seed"]
         )
+        started = time.perf_counter()
         model = self.model(request["alpha"], request["packed"])
         metrics: dict[str, float] = {}
         if len(y_test):
+            evaluated = time.perf_counter()
             loss, accuracy = evaluate(model, x_test, y_test, batch_size=request["batch_size"])
             metrics.update(
-                {"received-eval-loss": loss, "received-eval-accuracy": accuracy, "eval-examples": len(y_test)}
+                {
+                    "received-eval-loss": loss,
+                    "received-eval-accuracy": accuracy,
+                    "eval-examples": len(y_test),
+                    "received-eval-seconds": time.perf_counter() - evaluated,
+                }
             )
+        speed_key = (request["alpha"], request["batch_size"])
+        budget = float(request.get("budget_seconds") or 0.0)
+        epoch_steps = steps_per_epoch(len(y_train), request["batch_size"])
+        steps = step_budget(budget, self._step_seconds.get(speed_key), epoch_steps * request["epochs"])
         with FitMeter(self.cgroup) as meter:
             results = fit(
                 model,
@@ -177,12 +248,54 @@ class Trainer:
                 epochs=request["epochs"],
                 batch_size=request["batch_size"],
                 learning_rate=request["learning_rate"],
-                seed=request["seed"] * 1000 + request["server_round"],
+                seed=request.get("training_seed", request["seed"]) * 1000 + request["server_round"],
+                steps=steps if budget > 0 else None,
+                stop_after=budget if budget > 0 else None,
             )
+        if results["step-seconds"]:
+            self._step_seconds[speed_key] = results["step-seconds"]
         metrics.update(results)
+        metrics["budget-seconds"] = budget
         metrics.update(meter.metrics())
-        metrics.update({"num-examples": len(y_train), "tf-threads": self.threads})
-        return {"packed": get_packed(model), "metrics": metrics}
+        packed = get_packed(model)
+        # Everything the trainer did for this message (set weights, evaluate, train, pack), for the overhead.
+        metrics.update(
+            {"num-examples": len(y_train), "tf-threads": self.threads, "trainer-seconds": time.perf_counter() - started}
+        )
+        return {"packed": packed, "metrics": metrics}
+
+    def speed(self, request: dict) -> dict:
+        """This device's measured seconds per step for the request's model and batch size.
+
+        Measured on CALIBRATION_STEPS steps from the received weights when this trainer has not trained
+        that model at that batch size yet (the steps' weights are discarded: every request sets its own).
+        """
+        x_train, y_train, _, _ = self.partition(
+            Path(request["data_dir"]), request["partition_id"], request["percentage"], request["seed"]
+        )
+        key = (request["alpha"], request["batch_size"])
+        calibrated = key not in self._step_seconds
+        if calibrated:
+            model = self.model(request["alpha"], request["packed"])
+            results = fit(
+                model,
+                x_train,
+                y_train,
+                epochs=1,
+                batch_size=request["batch_size"],
+                learning_rate=request["learning_rate"],
+                seed=request["seed"],
+                steps=CALIBRATION_STEPS,
+            )
+            self._step_seconds[key] = results["step-seconds"]
+        return {
+            "metrics": {
+                "step-seconds": self._step_seconds[key],
+                "num-examples": len(y_train),
+                "batch-size": request["batch_size"],
+                "calibrated": int(calibrated),
+            }
+        }
 
     def evaluate(self, request: dict) -> dict:
         _, _, x_test, y_test = self.partition(

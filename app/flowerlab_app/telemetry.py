@@ -118,6 +118,27 @@ class Cgroup:
                 return int(value)
         return None
 
+    def oom_kills(self) -> int | None:
+        """Processes the kernel's OOM killer killed in this cgroup since it was created (None: unknown)."""
+        text = self._file("", "memory.events") if self.version == 2 else self._file("memory", "memory.oom_control")
+        for line in (text or "").splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return None
+
+
+def oom_note(cgroup: Cgroup | None = None) -> str:
+    """What to add to an error when processes of this container were OOM-killed ('' when none were).
+
+    Ends with a `[oom-kills=N]` marker that the ServerApp reads from the error reply.
+    """
+    cgroup = cgroup or Cgroup()
+    kills = cgroup.oom_kills() if cgroup.in_own_cgroup() else None
+    if not kills:
+        return ""
+    limit = cgroup.memory_limit_bytes() / 2**20
+    return f" (out of memory: {kills} OOM kill(s) in this container, memory limit {limit:.0f} MiB) [oom-kills={kills}]"
+
 
 def _process_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -155,6 +176,7 @@ class FitMeter:
             "memory-limit-bytes": float(self.cgroup.memory_limit_bytes()),
             "memory-peak-bytes": float(self.memory_peak_bytes),
             "cpu-seconds": float(self.cpu_seconds),
+            "oom-kills": float((self.cgroup.oom_kills() or 0) if self.use_cgroup else 0),
         }
 
 

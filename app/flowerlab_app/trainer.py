@@ -25,7 +25,7 @@ from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 SOCKET_ENV = "FLOWERLAB_TRAINER_SOCKET"
-OPS = ("train", "evaluate", "ping")
+OPS = ("train", "evaluate", "speed", "ping")
 
 
 class TrainerError(RuntimeError):
@@ -50,7 +50,10 @@ def call(path: Path, op: str, request: dict | None = None, timeout: float = 60.0
             time.sleep(0.5)
     with conn:
         conn.send((op, request or {}))
-        ok, answer = conn.recv()
+        try:
+            ok, answer = conn.recv()
+        except (EOFError, OSError) as err:
+            raise TrainerError(f"the trainer died during {op} ({type(err).__name__})") from err
     if not ok:
         raise TrainerError(f"trainer failed on {op}: {answer}")
     return answer
@@ -74,7 +77,7 @@ def serve(path: Path) -> None:
                     op, request = conn.recv()
                     if op == "ping":
                         answer = {"pid": os.getpid(), "uptime": time.time() - started, "served": served}
-                    elif op in ("train", "evaluate"):
+                    elif op in ("train", "evaluate", "speed"):
                         if trainer is None:
                             from .task import Trainer
 

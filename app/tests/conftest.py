@@ -12,3 +12,12 @@ def pytest_configure(config):
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def run_config() -> dict:
+    """The app's run config as pyproject.toml declares it."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]

@@ -18,13 +18,19 @@ SNAPSHOT = {
     "round_seconds": 30.0,
     "overhead_seconds": 4.0,
     "nodes": 2,
+    "policy": "deadline",
+    "idle_fraction": 0.05,
+    "budget_seconds": 12.5,
+    "dropped": 0,
     "clients": {
         "c1": {"tier": "iot", "host": "edge-a", "fit-seconds": 20.0, "samples-per-second": 10.0, "num-examples": 200,
                "train-loss": 1.5, "train-accuracy": 0.4, "cpu-limit-cores": 0.5, "memory-limit-bytes": 2e9,
-               "memory-peak-bytes": 1e9, "cpu-seconds": 9.5, "batch-size": 16, "steps": 26},
+               "memory-peak-bytes": 1e9, "cpu-seconds": 9.5, "batch-size": 16, "steps": 26,
+               "idle-seconds": 6.0, "samples-trained": 416, "oom-kills": 0.0},
         "c2": {"tier": "laptop", "host": "edge-b", "fit-seconds": 26.0, "samples-per-second": 8.0, "num-examples": 210,
                "train-loss": 1.4, "train-accuracy": 0.45, "cpu-limit-cores": 1.0, "memory-limit-bytes": 3e9,
-               "memory-peak-bytes": 1.1e9, "cpu-seconds": 25.0, "batch-size": 32, "steps": 14},
+               "memory-peak-bytes": 1.1e9, "cpu-seconds": 25.0, "batch-size": 32, "steps": 14,
+               "idle-seconds": 0.0, "samples-trained": 448, "oom-kills": 1.0},
     },
 }  # fmt: skip
 
@@ -43,7 +49,8 @@ def test_registry_contents(tmp_path):
     assert "model_accuracy 0.5" in text and "model_loss 1.25" in text
     assert "flowerlab_round 2.0" in text and "flowerlab_rounds_total 3.0" in text
     assert "flowerlab_run_active 1.0" in text
-    assert 'flowerlab_run_info{run_id="42"} 1.0' in text
+    assert 'flowerlab_run_info{policy="deadline",run_id="42"} 1.0' in text
+    assert "flowerlab_round_idle_fraction 0.05" in text and "flowerlab_round_budget_seconds 12.5" in text
     for name in metrics.CLIENT_GAUGES:
         assert f'{name}{{client="c1",host="edge-a",tier="iot"}}' in text, name
         assert f'{name}{{client="c2",host="edge-b",tier="laptop"}}' in text, name
@@ -51,8 +58,9 @@ def test_registry_contents(tmp_path):
 
 
 class FakeWatcher:
-    def __init__(self, runs):
+    def __init__(self, runs, polled: float = 0.0):
         self.runs = runs
+        self.polled = polled
 
 
 def run_status(text: str) -> dict[str, str]:
@@ -94,6 +102,29 @@ def test_the_superlink_overrides_a_snapshot_that_never_heard_of_the_failure(tmp_
     assert "flowerlab_superlink_up 1.0" in text
 
 
+def test_a_running_run_that_a_restarted_superlink_no_longer_knows_is_failed(tmp_path):
+    """The SuperLink restarted with an empty state during run 42: a poll after the snapshot was written
+    lists no run 42, so it is failed (nothing else will end it); a poll from before the snapshot (the run
+    just submitted) proves nothing."""
+    path = metrics.write_snapshot(tmp_path, {**SNAPSHOT, "status": "running", "active": 1})
+    written = path.stat().st_mtime
+    text = collect(path, FakeWatcher([], polled=written + 5))
+    assert 'flowerlab_run_status{run_id="42",status="failed"} 1.0' in text
+    assert "flowerlab_run_active 0.0" in text
+    earlier = collect(path, FakeWatcher([{"run-id": "41", "status": "finished:completed"}], polled=written - 5))
+    assert 'flowerlab_run_status{run_id="42",status="failed"}' not in earlier
+    assert "flowerlab_run_active 1.0" in earlier
+
+
+def test_a_restarted_superlink_that_knows_no_run_leaves_the_snapshots_final_word(tmp_path):
+    """The ServerApp recorded its run's end (or its failure as the SuperLink stopped) before the restart."""
+    for status in ("failed", "completed"):
+        path = metrics.write_snapshot(tmp_path, {**SNAPSHOT, "status": status, "active": 0})
+        text = collect(path, FakeWatcher([], polled=path.stat().st_mtime + 5))
+        assert f'flowerlab_run_status{{run_id="42",status="{status}"}} 1.0' in text, text
+        assert 'flowerlab_runs{status="failed"} 0.0' in text  # what the SuperLink itself knows
+
+
 def test_a_new_pending_run_is_the_latest_and_active(tmp_path):
     path = metrics.write_snapshot(tmp_path, {**SNAPSHOT, "status": "failed", "active": 0})
     runs = [
@@ -104,7 +135,8 @@ def test_a_new_pending_run_is_the_latest_and_active(tmp_path):
     assert 'flowerlab_run_status{run_id="43",status="pending"} 1.0' in text
     assert run_status(text)["failed"] == "0.0"
     # The values shown stay those of run 42 (the snapshot's run), labelled as such.
-    assert 'flowerlab_run_info{run_id="42"} 1.0' in text
+    assert 'flowerlab_run_info{policy="deadline",run_id="42"} 1.0' in text
+    assert "flowerlab_round_idle_fraction 0.05" in text and "flowerlab_round_budget_seconds 12.5" in text
 
 
 def test_an_unreachable_superlink_is_reported_and_the_snapshot_used(tmp_path):
@@ -161,3 +193,13 @@ def test_port_held_by_something_else_does_not_raise(tmp_path):
         assert metrics.ensure_exporter(server.server_address[1], tmp_path, wait=3) is False
     finally:
         server.shutdown()
+
+
+def test_no_exporter_is_started_where_the_lab_names_its_own(tmp_path, monkeypatch, capsys):
+    """The lab's SuperLink names its metrics container: the ServerApp starts no second exporter."""
+    monkeypatch.setenv(metrics.EXPORTER_ENV, "flowerlab-serverapp-metrics")
+    started = []
+    monkeypatch.setattr(metrics.subprocess, "Popen", lambda *a, **k: started.append(a))
+    assert metrics.ensure_exporter(1, tmp_path) is True
+    assert started == []
+    assert "served by flowerlab-serverapp-metrics" in capsys.readouterr().out

@@ -11,6 +11,7 @@ HISTORY = {
             "round_seconds": 40.0,
             "overhead_seconds": 10.0,
             "elapsed_seconds": 40.0,
+            "idle_fraction": 0.25,  # (0 + 16 + 14) / (3 clients x 40 s)
             "clients": {
                 "a": {"tier": "iot", "fit-seconds": 30.0, "samples-per-second": 20.0, "cpu-limit-cores": 0.5},
                 "b": {"tier": "laptop", "fit-seconds": 14.0, "samples-per-second": 40.0, "cpu-limit-cores": 1.0},
@@ -23,6 +24,7 @@ HISTORY = {
             "round_seconds": 20.0,
             "overhead_seconds": 6.0,
             "elapsed_seconds": 60.0,
+            "idle_fraction": 0.175,  # (0 + 7) / (2 clients x 20 s)
             "clients": {
                 "a": {"tier": "iot", "fit-seconds": 14.0, "samples-per-second": 40.0, "cpu-limit-cores": 0.5},
                 "b": {"tier": "laptop", "fit-seconds": 7.0, "samples-per-second": 80.0, "cpu-limit-cores": 1.0},
@@ -34,13 +36,31 @@ HISTORY = {
 
 def test_round_line_lists_tiers_slowest_first_with_their_mean():
     line = report.round_line(HISTORY["rounds"][0])
-    assert line == ("round 1: accuracy 0.100, 40.0 s (overhead 10.0 s); fit seconds per tier: iot 30.0, laptop 15.0")
+    assert line == (
+        "round 1: accuracy 0.100, 40.0 s (overhead 10.0 s, idle 0.25); fit seconds per tier: iot 30.0, laptop 15.0"
+    )
+
+
+def test_round_line_names_the_budget_and_the_dropped_replies():
+    rnd = {**HISTORY["rounds"][1], "budget_seconds": 6.5, "deadline_seconds": 18.0, "dropped": 1}
+    assert report.round_line(rnd) == (
+        "round 2: accuracy 0.875, 20.0 s (overhead 6.0 s, idle 0.17, budget 6.5 s, deadline 18.0 s, dropped 1); "
+        "fit seconds per tier: iot 14.0, laptop 7.0"
+    )
+
+
+def test_time_to_accuracy_is_the_end_of_the_first_round_at_target():
+    assert report.time_to_accuracy(HISTORY, 0.85) == 60.0
+    assert report.time_to_accuracy(HISTORY, 0.1) == 40.0
+    assert report.time_to_accuracy(HISTORY, 0.9) is None
 
 
 def test_summary_has_status_final_accuracy_and_per_tier_figures():
     lines = report.summary(HISTORY)
-    assert lines[0] == "run 7: completed, 2 of 3 rounds"
-    assert lines[1] == "final accuracy 0.875 after 60 s; mean round 30.0 s, mean overhead 8.0 s"
+    assert lines[0] == "run 7: completed, 2 of 3 rounds, straggler policy static"
+    assert lines[1] == (
+        "final accuracy 0.875 after 60 s; mean round 30.0 s, mean overhead 8.0 s, mean straggler idle fraction 0.212"
+    )
     # iot: fits 30 and 14 (median 22), 30 samples/s median over a 0.5-core budget = 60 per core
     assert (
         lines[2]
@@ -54,7 +74,7 @@ def test_summary_has_status_final_accuracy_and_per_tier_figures():
 
 def test_failed_run_summary_names_the_error():
     lines = report.summary({**HISTORY, "status": "failed", "error": "InjectedFailure: as asked", "rounds": []})
-    assert lines == ["run 7: failed, 0 of 3 rounds", "error: InjectedFailure: as asked"]
+    assert lines == ["run 7: failed, 0 of 3 rounds, straggler policy static", "error: InjectedFailure: as asked"]
 
 
 def test_cli_waits_for_a_round_in_json(tmp_path, capsys):
@@ -88,6 +108,25 @@ def test_a_run_whose_serverapp_died_is_failed_by_the_superlinks_word(tmp_path):
     assert report.run_status(history, run_dir) == "running"
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     assert report.run_status({**HISTORY, "status": "completed"}, run_dir) == "completed"
+
+
+def test_a_run_a_restarted_superlink_no_longer_knows_is_failed(tmp_path):
+    import json
+    import os
+    import time
+
+    run_dir = tmp_path / "8"
+    run_dir.mkdir()
+    (run_dir / "history.json").write_text("{}")
+    written = time.time() - 60
+    os.utime(run_dir / "history.json", (written, written))
+    history = {**HISTORY, "status": "running"}
+    (tmp_path / "runs.json").write_text(json.dumps({"polled_unix": time.time(), "runs": []}))
+    assert report.run_status(history, run_dir) == "failed"
+    # A poll from before the history was written proves nothing.
+    (tmp_path / "runs.json").write_text(json.dumps({"polled_unix": written - 30, "runs": []}))
+    os.utime(tmp_path / "runs.json", None)
+    assert report.run_status(history, run_dir) == "running"
 
 
 def test_cli_wait_returns_when_the_round_arrives(tmp_path, capsys):

@@ -76,6 +76,7 @@ def test_pyproject_has_no_federations():
         ("data-sample-percentage", 0.0, "expected 0 < value <= 100"),
         ("metrics-port", 8000, "the SuperLink's port"),
         ("num-server-rounds", "3", r"\(str\); expected int"),
+        ("reply-timeout", -5.0, r"key 'reply-timeout' is -5.0; expected 0 \(3x the slowest reply\) or seconds > 0"),
     ],
 )
 def test_bad_run_config(key, value, message):

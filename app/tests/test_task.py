@@ -41,3 +41,33 @@ def test_shuffled_is_seeded_and_covers_every_epoch():
     again = task.shuffled(x, y, seed=3, epochs=2)[1]
     assert (again == ys).all()
     assert not (task.shuffled(x, y, seed=4, epochs=2)[1] == ys).all()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10, activation="softmax")])
+    task.compile_model(model, 0.01)
+    return model
+
+
+def test_local_epochs_train_every_sample_once_per_epoch(tiny):
+    x, y = np.random.default_rng(0).random((50, 4)).astype(np.float32), np.arange(50) % 10
+    result = task.fit(tiny, x, y, epochs=2, batch_size=8, learning_rate=0.01, seed=1)
+    # 100 samples in batches of 8: 12 full batches and one of 4
+    assert (result["steps"], result["planned-steps"], result["samples-trained"]) == (13, 13, 100)
+    assert result["stopped-at-budget"] == 0 and result["step-seconds"] > 0
+
+
+def test_a_step_budget_trains_that_many_full_batches_across_epochs(tiny):
+    x, y = np.random.default_rng(0).random((50, 4)).astype(np.float32), np.arange(50) % 10
+    result = task.fit(tiny, x, y, epochs=1, batch_size=8, learning_rate=0.01, seed=1, steps=9, stop_after=600)
+    assert (result["steps"], result["samples-trained"], result["stopped-at-budget"]) == (9, 72, 0)
+
+
+def test_a_fit_slower_than_planned_stops_at_its_time_budget(tiny):
+    x, y = np.random.default_rng(0).random((50, 4)).astype(np.float32), np.arange(50) % 10
+    result = task.fit(tiny, x, y, epochs=1, batch_size=8, learning_rate=0.01, seed=1, steps=9, stop_after=0.0)
+    assert (result["steps"], result["samples-trained"], result["planned-steps"]) == (1, 8, 9)
+    assert result["stopped-at-budget"] == 1

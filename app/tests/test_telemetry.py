@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from flowerlab_app.telemetry import Cgroup, FitMeter, tf_threads
+from flowerlab_app.telemetry import Cgroup, FitMeter, oom_note, tf_threads
 
 GIB = 1024**3
 
@@ -73,3 +73,11 @@ def test_fit_meter_measures_this_process():
     assert m["cpu-seconds"] > 0
     assert m["memory-peak-bytes"] > 10 * 1024**2
     assert m["cpu-limit-cores"] > 0 and m["memory-limit-bytes"] > 0
+
+
+def test_oom_kills_are_read_from_the_cgroup_and_named_in_errors(fixtures):
+    v1, v2 = cgroup(fixtures, "cgroup-v1"), cgroup(fixtures, "cgroup-v2")
+    assert (v1.oom_kills(), v2.oom_kills()) == (2, 3)
+    assert oom_note(v1) == " (out of memory: 2 OOM kill(s) in this container, memory limit 2048 MiB) [oom-kills=2]"
+    assert cgroup(fixtures, "cgroup-v2-unlimited").oom_kills() is None
+    assert oom_note(cgroup(fixtures, "cgroup-v2-unlimited")) == ""

@@ -244,7 +244,10 @@ APP_METRICS = "\n".join(
         "flowerlab_round_overhead_seconds 4",
         "flowerlab_run_active 1",
         "flowerlab_nodes_connected 2",
-        'flowerlab_run_info{run_id="123"} 1',
+        'flowerlab_run_info{run_id="123",policy="deadline"} 1',
+        "flowerlab_round_idle_fraction 0.05",
+        "flowerlab_round_budget_seconds 12.5",
+        "flowerlab_dropped_replies 0",
         'flowerlab_run_status{run_id="123",status="running"} 1',
         'flowerlab_run_status{run_id="123",status="failed"} 0',
     ]
@@ -262,6 +265,8 @@ APP_METRICS = "\n".join(
             ("flowerlab_client_memory_peak_bytes", 1e9),
             ("flowerlab_client_cpu_seconds", 9),
             ("flowerlab_client_batch_size", 32),
+            ("flowerlab_client_idle_seconds", 1.5),
+            ("flowerlab_client_samples_trained", 416),
         )
     ]
 )

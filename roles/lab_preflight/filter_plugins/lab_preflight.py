@@ -6,8 +6,11 @@ the client and the key involved and says what is allowed, so that a user sees al
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import ipaddress
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -90,8 +93,7 @@ def _check_groups(groups: dict, errors: list[str]) -> list[str]:
     lab_hosts = list(groups.get("lab") or [])
     if not lab_hosts:
         errors.append(
-            "inventory: group 'lab' is missing or empty; it must contain the groups server, "
-            "clients and monitoring"
+            "inventory: group 'lab' is missing or empty; it must contain the groups server, clients and monitoring"
         )
     for group in LAB_GROUPS:
         members = list(groups.get(group) or [])
@@ -109,8 +111,7 @@ def _check_groups(groups: dict, errors: list[str]) -> list[str]:
         members = list(groups.get(group) or [])
         if len(members) > 1:
             errors.append(
-                f"inventory: group '{group}' has {len(members)} hosts ({', '.join(members)}); "
-                "allowed: exactly one"
+                f"inventory: group '{group}' has {len(members)} hosts ({', '.join(members)}); allowed: exactly one"
             )
     return lab_hosts
 
@@ -118,8 +119,7 @@ def _check_groups(groups: dict, errors: list[str]) -> list[str]:
 def _check_tiers(tiers, errors: list[str]) -> dict:
     if not isinstance(tiers, dict) or not tiers:
         errors.append(
-            "group_vars: key 'lab_tiers' is missing or not a mapping of tier name -> "
-            f"{{{', '.join(TIER_KEYS)}}}"
+            f"group_vars: key 'lab_tiers' is missing or not a mapping of tier name -> {{{', '.join(TIER_KEYS)}}}"
         )
         return {}
     for name, tier in tiers.items():
@@ -132,9 +132,7 @@ def _check_tiers(tiers, errors: list[str]) -> dict:
                 errors.append(f"{where}: unknown key {key!r}; allowed keys: {', '.join(TIER_KEYS)}")
         for key in REQUIRED_TIER_KEYS:
             if key not in tier:
-                errors.append(
-                    f"{where}: key {key!r} is missing; required keys: {', '.join(REQUIRED_TIER_KEYS)}"
-                )
+                errors.append(f"{where}: key {key!r} is missing; required keys: {', '.join(REQUIRED_TIER_KEYS)}")
         _check_settings(where, tier, errors)
     return tiers
 
@@ -157,7 +155,7 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _check_run_config(run_config, app_defaults: dict | None, errors: list[str]) -> None:
+def _check_run_config(run_config, app_defaults: dict | None, errors: list[str], app_config_file=None) -> None:
     where = "group_vars: lab_run_config"
     if run_config is None:
         return
@@ -176,9 +174,7 @@ def _check_run_config(run_config, app_defaults: dict | None, errors: list[str]) 
             errors.append(f"{where}: key {key!r} is {value!r}; allowed: a string, integer, float or boolean")
             continue
         if isinstance(value, str) and ('"' in value or "'" in value or "\\" in value or " " in value):
-            errors.append(
-                f"{where}: key {key!r} is {value!r}; strings may not contain quotes, backslashes or spaces"
-            )
+            errors.append(f"{where}: key {key!r} is {value!r}; strings may not contain quotes, backslashes or spaces")
         if known is None:
             continue
         if key not in known:
@@ -200,12 +196,50 @@ def _check_run_config(run_config, app_defaults: dict | None, errors: list[str]) 
                 f"{where}: key {key!r} is {value!r} ({type(value).__name__}); allowed: "
                 f"{expected.__name__} like the app's default {default!r}"
             )
+            continue
+    if known is not None and app_config_file and not any(e.startswith(where) for e in errors):
+        problem = _app_settings_error({**known, **run_config}, Path(app_config_file).parent)
+        if problem:
+            errors.append(f"{where}: {problem}")
 
 
-def lab_preflight_errors(
-    hostvars, groups, app_config_file=None, default_bind_address="127.0.0.1"
-) -> list[str]:
-    """Every problem of the lab inventory, one message each (empty list: valid)."""
+def _app_settings_error(config: dict, app_dir: Path) -> str | None:
+    """The app's own check of the merged run config (values, e.g. straggler-policy), when its source is here.
+
+    The app's settings module and the policies it imports use only the standard library.
+    """
+    package = app_dir / "flowerlab_app"
+    if not (package / "settings.py").is_file():
+        return None
+    name = "_lab_preflight_app"
+    spec = importlib.util.spec_from_file_location(
+        name, package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(sys.modules[name])
+        settings = importlib.import_module(f"{name}.settings")
+        try:
+            settings.RunSettings.from_run_config(config)
+        except settings.ConfigError as err:
+            return str(err).removeprefix("run config: ")
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    return None
+
+
+# lab_common's defaults of the keys checked here (the role passes the file's values).
+LAB_DEFAULTS = {"lab_bind_address": "127.0.0.1", "lab_tls": True, "lab_supernode_auth": True}
+
+
+def lab_preflight_errors(hostvars, groups, app_config_file=None, lab_defaults=None) -> list[str]:
+    """Every problem of the lab inventory, one message each (empty list: valid).
+
+    `lab_defaults`: lab_common's defaults (role defaults are not part of hostvars).
+    """
+    defaults = {**LAB_DEFAULTS, **{k: v for k, v in (lab_defaults or {}).items() if k in LAB_DEFAULTS}}
+    default_bind_address = defaults["lab_bind_address"]
     errors: list[str] = []
     lab_hosts = _check_groups(groups, errors)
     client_hosts = list(groups.get("clients") or [])
@@ -217,7 +251,7 @@ def lab_preflight_errors(
     for host in lab_hosts:
         hv = hostvars[host]
         tiers = _check_tiers(hv.get("lab_tiers"), errors)
-        _check_run_config(hv.get("lab_run_config"), app_defaults, errors)
+        _check_run_config(hv.get("lab_run_config"), app_defaults, errors, app_config_file)
 
         # Role defaults are not part of hostvars: a host without lab_bind_address
         # in the inventory gets lab_common's default (loopback).
@@ -225,9 +259,7 @@ def lab_preflight_errors(
         try:
             addr = ipaddress.ip_address(str(bind))
         except ValueError:
-            errors.append(
-                f"host {host}: key 'lab_bind_address' is {bind!r}; allowed: an IP address of this host"
-            )
+            errors.append(f"host {host}: key 'lab_bind_address' is {bind!r}; allowed: an IP address of this host")
         else:
             if multi_host and addr.is_loopback:
                 errors.append(
@@ -248,14 +280,11 @@ def lab_preflight_errors(
             continue
         if not isinstance(clients, list):
             errors.append(
-                f"host {host}: key 'lab_clients' is {type(clients).__name__}; allowed: a list of "
-                "{name, tier} entries"
+                f"host {host}: key 'lab_clients' is {type(clients).__name__}; allowed: a list of {{name, tier}} entries"
             )
             continue
         if not clients:
-            errors.append(
-                f"host {host}: in group 'clients' but lab_clients is empty; place at least one client"
-            )
+            errors.append(f"host {host}: in group 'clients' but lab_clients is empty; place at least one client")
 
         vcpus = hv.get("ansible_processor_vcpus") or hv.get("ansible_facts", {}).get("processor_vcpus")
         memtotal_mb = hv.get("ansible_memtotal_mb") or hv.get("ansible_facts", {}).get("memtotal_mb")
@@ -319,12 +348,34 @@ def lab_preflight_errors(
                 f"{memtotal_mb / 1024:.1f} GiB of memory; lower the tiers' memory or move clients"
             )
 
+    _check_security(hostvars, lab_hosts, multi_host, defaults, errors)
     if lab_hosts and client_hosts and total_clients == 0 and not any("lab_clients" in e for e in errors):
-        errors.append(
-            "inventory: no client is placed on any host; add lab_clients to a host of group 'clients'"
-        )
+        errors.append("inventory: no client is placed on any host; add lab_clients to a host of group 'clients'")
     # Tiers and the run config are group_vars: report each of their problems once.
     return list(dict.fromkeys(errors))
+
+
+def _check_security(hostvars, lab_hosts: list[str], multi_host: bool, defaults: dict, errors: list[str]) -> None:
+    """lab_tls and lab_supernode_auth: booleans, one value for the whole lab, TLS on when several hosts."""
+    for key in ("lab_tls", "lab_supernode_auth"):
+        values = {}
+        for host in dict.fromkeys(lab_hosts):
+            value = hostvars[host].get(key, defaults[key])
+            if not isinstance(value, bool):
+                errors.append(f"host {host}: key {key!r} is {value!r}; allowed: true or false")
+            else:
+                values[host] = value
+        if len(set(values.values())) > 1:
+            listed = ", ".join(f"{h}: {str(v).lower()}" for h, v in values.items())
+            errors.append(
+                f"inventory: key {key!r} differs between hosts ({listed}); allowed: one value for the whole lab"
+            )
+        if key == "lab_tls" and multi_host and False in values.values():
+            errors.append(
+                f"inventory: key 'lab_tls' is false in a lab of {len(set(lab_hosts))} hosts: model weights would cross "
+                "the network in plaintext and any process that reaches the SuperLink could join; allowed: true "
+                "(the default; lab_tls: false is for a single-host lab only)"
+            )
 
 
 class FilterModule:
