@@ -424,7 +424,8 @@ def registered_nodes() -> dict[str, str]:
 
 
 def test_a_client_killed_in_a_round_restarts_rejoins_and_the_run_completes(lab, inventory_copy):
-    """A crash, not a `docker stop`: SIGKILL of a client container's init from the host while round 2 trains.
+    """A crash, not a `docker stop`: SIGKILL of a client container's init from the host while round 2 of a run
+    started by `playbooks/run.yml` trains.
     Docker restarts the container (restart policy), the client rejoins under the node id its key was
     registered with, round 2 closes without its reply (the reply guard: the SuperLink sees the node online
     again and would never report the lost message) and records it, later rounds have it again, and the
@@ -440,7 +441,7 @@ def test_a_client_killed_in_a_round_restarts_rejoins_and_the_run_completes(lab, 
     run_yml.write_text(yaml.safe_dump(data))
     before = run_ids()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        play = pool.submit(run_site, inventory_copy, "-e", "flower_run_policy=always")
+        play = pool.submit(run_site, inventory_copy, "-e", "flower_run_policy=always", playbook="playbooks/run.yml")
         run_id = wait_for("the run to start", lambda: [r for r in run_ids() if r not in before], timeout=300)[0]
 
         wait_for("round 1 to end", lambda: rounds_recorded(run_id) >= 1, timeout=600, interval=1)
@@ -543,7 +544,9 @@ def test_a_superlink_restarted_in_a_run_reports_it_failed_and_the_lab_recovers(l
     run_yml.write_text(yaml.safe_dump(data))
     kept = {r: history(r)["status"] for r in run_ids()}
     assert kept and "running" not in kept.values(), kept
-    started = run_site(inventory_copy, "-e", "flower_run_policy=always", "-e", "flower_run_wait=false")
+    started = run_site(
+        inventory_copy, "-e", "flower_run_policy=always", "-e", "flower_run_wait=false", playbook="playbooks/run.yml"
+    )
     assert started.returncode == 0
     [run_id] = [r for r in run_ids() if r not in kept]
 
@@ -575,7 +578,8 @@ def test_a_superlink_restarted_in_a_run_reports_it_failed_and_the_lab_recovers(l
 
 
 def test_a_failed_run_is_reported_and_started_again(lab, inventory_copy):
-    """fail-at-round makes the ServerApp fail in round 2: metrics, alert, summary say so; `once` retries."""
+    """fail-at-round makes the ServerApp fail in round 2: metrics, alert, summary say so; `once` retries
+    (`playbooks/run.yml`)."""
     run_yml = inventory_copy / "group_vars" / "all" / "run.yml"
     data = yaml.safe_load(run_yml.read_text())
     data["lab_run_config"]["fail-at-round"] = 2
@@ -596,7 +600,7 @@ def test_a_failed_run_is_reported_and_started_again(lab, inventory_copy):
     fired = wait_for("FlowerRunFailed to fire", alert, timeout=120, interval=5)
     assert fired[0]["labels"]["run_id"] == failed[0]
     # The same configuration again: `once` starts a new run because the last one failed.
-    again = run_site(inventory_copy)
+    again = run_site(inventory_copy, playbook="playbooks/run.yml")
     said = " ".join(again.stdout.split())  # the callback wraps long messages
     assert f"Run {failed[0]} of this lab configuration ended finished:failed: starting a new run" in said
     # (it fails at round 2 again: the inventory copy still asks for it)
