@@ -35,7 +35,7 @@ stage_lint() {
   yamllint -s . && ansible-lint && ruff check . && ruff format --check app tests
 }
 stage_unit() {
-  pytest -q -m "not e2e" app/tests tests/dashboards tests/preflight tests/filters \
+  pytest -q -m "not e2e" app/tests tests/dashboards tests/preflight tests/filters tests/modules \
     && promtool check rules roles/prometheus/files/rules/*.yml \
     && promtool test rules tests/prometheus/*_test.yml
 }

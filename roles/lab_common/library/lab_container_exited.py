@@ -57,8 +57,7 @@ waited:
   returned: always
 """
 
-import time  # noqa: E402
-
+from ansible.module_utils.lab_container_wait import wait_for_container  # noqa: E402
 from ansible_collections.community.docker.plugins.module_utils.common_api import (  # noqa: E402
     AnsibleDockerClient,
 )
@@ -87,27 +86,21 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = client.module.params
-    started = time.monotonic()
-    while True:
-        waited = round(time.monotonic() - started, 1)
-        container = client.get_container(params["name"])
-        if not container:
-            client.fail(f"container {params['name']} does not exist", waited=waited, output=[])
-        state = container["State"]
-        if not state.get("Running") and not state.get("Restarting"):
-            client.module.exit_json(
-                changed=False,
-                exit_code=int(state.get("ExitCode", -1)),
-                output=output(client, params["name"], params["lines"]),
-                waited=waited,
-            )
-        if waited >= params["timeout"]:
-            client.fail(
-                f"container {params['name']} still running after {waited:.0f} s",
-                waited=waited,
-                output=output(client, params["name"], params["lines"]),
-            )
-        time.sleep(params["interval"])
+
+    def arrived(state: dict) -> dict | None:
+        if state.get("Running") or state.get("Restarting"):
+            return None
+        return {"exit_code": int(state.get("ExitCode", -1)), "output": output(client, params["name"], params["lines"])}
+
+    def late(state: dict, waited: float) -> tuple[str, dict]:
+        return (
+            f"container {params['name']} still running after {waited:.0f} s",
+            {"output": output(client, params["name"], params["lines"])},
+        )
+
+    wait_for_container(
+        client, params["name"], params["timeout"], params["interval"], arrived, late, missing={"output": []}
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,7 @@ waited:
   returned: always
 """
 
-import time  # noqa: E402
-
+from ansible.module_utils.lab_container_wait import wait_for_container  # noqa: E402
 from ansible_collections.community.docker.plugins.module_utils.common_api import (  # noqa: E402
     AnsibleDockerClient,
 )
@@ -56,6 +55,10 @@ from ansible_collections.community.docker.plugins.module_utils.common_api import
 def last_check(state: dict) -> str:
     log = (state.get("Health") or {}).get("Log") or []
     return (log[-1].get("Output") or "").strip()[-500:] if log else "no check has run yet"
+
+
+def health(state: dict) -> str:
+    return (state.get("Health") or {}).get("Status", "none")
 
 
 def main() -> None:
@@ -67,30 +70,26 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
-    params = client.module.params
-    started = time.monotonic()
-    while True:
-        waited = round(time.monotonic() - started, 1)
-        container = client.get_container(params["name"])
-        if not container:
-            client.fail(f"container {params['name']} does not exist", waited=waited)
-        state = container["State"]
-        if not state.get("Running") and not state.get("Restarting"):
+    name = client.module.params["name"]
+
+    def arrived(state: dict) -> dict | None:
+        if not state.get("Running") and not state.get("Restarting"):  # stopped: it cannot get healthy
             client.fail(
-                f"container {params['name']} is {state.get('Status')} (exit code {state.get('ExitCode')}); "
-                f"last healthcheck: {last_check(state)}",
-                waited=waited,
+                f"container {name} is {state.get('Status')} (exit code {state.get('ExitCode')}); "
+                f"last healthcheck: {last_check(state)}"
             )
-        status = (state.get("Health") or {}).get("Status", "none")
-        if state.get("Running") and status in ("healthy", "none"):
-            client.module.exit_json(changed=False, status=status, waited=waited)
-        if waited >= params["timeout"]:
-            client.fail(
-                f"container {params['name']} not healthy after {waited:.0f} s (status {status}); "
-                f"last healthcheck: {last_check(state)}",
-                waited=waited,
-            )
-        time.sleep(params["interval"])
+        if state.get("Running") and health(state) in ("healthy", "none"):
+            return {"status": health(state)}
+        return None
+
+    def late(state: dict, waited: float) -> tuple[str, dict]:
+        return (
+            f"container {name} not healthy after {waited:.0f} s (status {health(state)}); "
+            f"last healthcheck: {last_check(state)}",
+            {},
+        )
+
+    wait_for_container(client, name, client.module.params["timeout"], client.module.params["interval"], arrived, late)
 
 
 if __name__ == "__main__":
