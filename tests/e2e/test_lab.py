@@ -4,9 +4,9 @@ Runs `ansible-playbook site.yml -i inventory/local` for real (the docker role in
 images are built locally) and checks what a user would: limits, health, a federated run that
 completes and learns with the tiers visible in its fit seconds, no zombie processes, the ServerApp
 metrics endpoint, idempotence, an experiment (two policies, runs in a row), faults (a client killed in
-a round, a client out of memory, the SuperLink restarted in a run), a run on a busy machine, a failed
-run reported and started again, and that broken inventories fail before any change. The tests run in
-file order and share the lab brought up by the first one.
+a round, a client out of memory, the SuperLink restarted in a run, a SuperNode cut off from the SuperLink),
+a run on a busy machine, a failed run reported and started again, and that broken inventories fail
+before any change. The tests run in file order and share the lab brought up by the first one.
 """
 
 from __future__ import annotations
@@ -605,3 +605,56 @@ def test_a_failed_run_is_reported_and_started_again(lab, inventory_copy):
     assert f"Run {failed[0]} of this lab configuration ended finished:failed: starting a new run" in said
     # (it fails at round 2 again: the inventory copy still asks for it)
     assert len([r for r in run_ids() if r not in before]) == 2
+
+
+def test_a_supernode_cut_off_from_the_superlink_turns_unhealthy_and_fires_clients_missing(lab, inventory_copy):
+    """The network taken from under a SuperNode (`docker network disconnect`) after round 1 of a run: its
+    healthcheck, which also asks the SuperLink's /health, turns the container unhealthy and says why; once the
+    SuperLink no longer sees the node (missed heartbeats, about 46 s), the next round waits for it, the
+    ServerApp publishes the lower count and FlowerClientsMissing fires (its bound is stated at the top of
+    flowerlab-alerts.yml). Given its network back, the SuperNode rejoins under its node id and the run
+    completes with it."""
+    victim = "client-b"
+    container = f"flowerlab-supernode-{victim}"
+    network = inspect("flowerlab-superlink")["HostConfig"]["NetworkMode"]
+    nodes = registered_nodes()
+    run_yml = inventory_copy / "group_vars" / "all" / "run.yml"
+    data = yaml.safe_load(run_yml.read_text())
+    data["lab_run_config"]["num-server-rounds"] = 4
+    run_yml.write_text(yaml.safe_dump(data))
+    before = run_ids()
+    started = run_site(
+        inventory_copy, "-e", "flower_run_policy=always", "-e", "flower_run_wait=false", playbook="playbooks/run.yml"
+    )
+    assert started.returncode == 0
+    [run_id] = [r for r in run_ids() if r not in before]
+    wait_for("round 1 to end", lambda: rounds_recorded(run_id) >= 1, timeout=600, interval=1)
+
+    docker("network", "disconnect", network, container)
+    cut = time.monotonic()
+    try:
+
+        def unhealthy():
+            health = inspect(container)["State"].get("Health") or {}
+            said = (health.get("Log") or [{}])[-1].get("Output", "")
+            return health.get("Status") == "unhealthy" and "the SuperLink is out of reach" in said
+
+        wait_for(f"{container} to turn unhealthy and say why", unhealthy, timeout=120, interval=3)
+
+        def alert():
+            return [a for a in firing_alerts() if a["labels"]["alertname"] == "FlowerClientsMissing"]
+
+        fired = wait_for("FlowerClientsMissing to fire", alert, timeout=480, interval=5)
+        print(f"FlowerClientsMissing fired {time.monotonic() - cut:.0f} s after the cut: {fired[0]['annotations']}")
+        assert history(run_id)["status"] == "running", "the run must wait for the lost SuperNode, not end"
+    finally:
+        docker("network", "connect", network, container)
+
+    wait_for("the run to end", lambda: history(run_id)["status"] != "running", timeout=900, interval=5)
+    hist = history(run_id)
+    assert hist["status"] == "completed" and len(hist["rounds"]) == 4, hist["status"]
+    assert any(victim not in r["clients"] for r in hist["rounds"][1:]), "no round went without the cut-off client"
+    assert victim in hist["rounds"][-1]["clients"], "the reconnected client never trained again"
+    wait_for(f"{container} to be healthy again", lambda: inspect(container)["State"]["Health"]["Status"] == "healthy",
+             timeout=120, interval=3)  # fmt: skip
+    assert registered_nodes() == nodes, "the reconnected client must keep its node id"
