@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 STATUS_FILE = Path(os.environ.get("FLOWERLAB_SUPERVISOR_STATUS", "/tmp/flowerlab/supervisor.json"))
@@ -195,10 +196,28 @@ def check(
     if down:
         return f"not running: {', '.join(down)}"
     if superlink:
-        problem = health(superlink, superlink_root_certificates)
+        problem = within(SUPERLINK_PROBE_SECONDS, lambda: health(superlink, superlink_root_certificates, timeout=2.0))
         if problem:
             return f"the SuperLink is out of reach: {problem}"
     return None
+
+
+# Docker kills a healthcheck after its timeout (10 s in the lab) and records only "Health check exceeded
+# timeout": the SuperLink probe, name resolution included (which the socket timeout does not bound; a
+# container without its network waits for the resolver), gets this long to say what is wrong itself.
+SUPERLINK_PROBE_SECONDS = 3.0
+
+
+def within(seconds: float, probe: Callable[[], str | None]) -> str | None:
+    """What `probe` returns, or a message when it has not returned within `seconds` (it goes on in a
+    daemon thread that dies with the checking process)."""
+    outcome: list[str | None] = []
+    worker = threading.Thread(target=lambda: outcome.append(probe()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        return f"no answer within {seconds:.0f} s"
+    return outcome[0]
 
 
 def _reap_children(interval: float = 1.0) -> None:

@@ -181,3 +181,24 @@ def test_the_supernode_idle_sleep_that_flowerlab_supernode_shortens_is_still_flo
     started = time.monotonic()
     supervisor._ShortIdle().sleep(supervisor.FLOWER_IDLE_SECONDS)
     assert time.monotonic() - started < 1.5
+
+
+def test_the_superlink_probe_says_what_is_wrong_before_dockers_timeout(tmp_path, health_port, monkeypatch):
+    """A SuperNode without its network waits for the resolver longer than Docker's 10 s check timeout;
+    the probe gives up after SUPERLINK_PROBE_SECONDS and the check says why itself."""
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps([{"name": "sleep", "pid": os.getpid(), "main": True}]))
+    real_health = supervisor.health
+
+    def hanging(address, root_certificates=None, timeout=4.0):
+        if address.startswith("127.0.0.1"):
+            return real_health(address, root_certificates, timeout)
+        time.sleep(30)  # a name that never resolves
+        return None
+
+    monkeypatch.setattr(supervisor, "health", hanging)
+    started = time.monotonic()
+    problem = supervisor.check(health_port, status, superlink="flowerlab-superlink:8000")
+    took = time.monotonic() - started
+    assert problem == f"the SuperLink is out of reach: no answer within {supervisor.SUPERLINK_PROBE_SECONDS:.0f} s"
+    assert supervisor.SUPERLINK_PROBE_SECONDS <= took < supervisor.SUPERLINK_PROBE_SECONDS + 2
