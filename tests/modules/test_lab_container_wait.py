@@ -48,7 +48,7 @@ def running(up: bool) -> dict:
     return {"Running": up, "Restarting": False, "ExitCode": 0 if up else 3}
 
 
-def done_when_stopped(state: dict) -> dict | None:
+def done_when_stopped(state: dict, waited: float) -> dict | None:
     return None if state["Running"] else {"exit_code": state["ExitCode"]}
 
 
@@ -87,11 +87,12 @@ def test_the_timeout_fails_with_the_late_message():
 def test_arrived_may_end_the_wait_with_a_failure_of_its_own():
     client = ScriptedClient([running(False)])
 
-    def never_healthy_once_stopped(state: dict) -> dict | None:
+    def never_healthy_once_stopped(state: dict, waited: float) -> dict | None:
         if not state["Running"]:
-            client.fail("container web is exited (exit code 3)")
+            client.fail("container web is exited (exit code 3)", waited=waited)
         return None
 
     with pytest.raises(Ended) as ended:
         wait_for_container(client, "web", timeout=60, interval=0, arrived=never_healthy_once_stopped, late=late)
     assert ended.value.failed and ended.value.results["msg"] == "container web is exited (exit code 3)"
+    assert ended.value.results["waited"] >= 0

@@ -87,7 +87,7 @@ def main() -> None:
     )
     params = client.module.params
 
-    def arrived(state: dict) -> dict | None:
+    def arrived(state: dict, waited: float) -> dict | None:
         if state.get("Running") or state.get("Restarting"):
             return None
         return {"exit_code": int(state.get("ExitCode", -1)), "output": output(client, params["name"], params["lines"])}

@@ -72,11 +72,12 @@ def main() -> None:
     )
     name = client.module.params["name"]
 
-    def arrived(state: dict) -> dict | None:
+    def arrived(state: dict, waited: float) -> dict | None:
         if not state.get("Running") and not state.get("Restarting"):  # stopped: it cannot get healthy
             client.fail(
                 f"container {name} is {state.get('Status')} (exit code {state.get('ExitCode')}); "
-                f"last healthcheck: {last_check(state)}"
+                f"last healthcheck: {last_check(state)}",
+                waited=waited,
             )
         if state.get("Running") and health(state) in ("healthy", "none"):
             return {"status": health(state)}

@@ -13,14 +13,15 @@ def wait_for_container(
     name: str,
     timeout: float,
     interval: float,
-    arrived: Callable[[dict], dict | None],
+    arrived: Callable[[dict, float], dict | None],
     late: Callable[[dict, float], tuple[str, dict]],
     missing: dict | None = None,
 ) -> None:
     """Poll `name` every `interval` seconds, up to `timeout`, and end the module.
 
-    `arrived(state)` looks at the container's State: a dict to return (the wait is over; it may also call
-    client.fail when the container can never get there), or None to go on waiting. `late(state, waited)`
+    `arrived(state, waited)` looks at the container's State: a dict to return (the wait is over; it may
+    also call client.fail, with `waited`, when the container can never get there), or None to go on
+    waiting. `late(state, waited)`
     gives the message and extra results of the failure at the timeout. `missing` adds results to the
     failure when the container does not exist. Every result carries `waited` (seconds)."""
     started = time.monotonic()
@@ -31,7 +32,7 @@ def wait_for_container(
             client.fail(f"container {name} does not exist", waited=waited, **(missing or {}))
             return
         state = container["State"]
-        result = arrived(state)
+        result = arrived(state, waited)
         if result is not None:
             client.module.exit_json(changed=False, waited=waited, **result)
             return
