@@ -437,15 +437,24 @@ def test_a_client_killed_in_a_round_restarts_rejoins_and_the_run_completes(lab, 
     restarts = inspect(container)["RestartCount"]
     run_yml = inventory_copy / "group_vars" / "all" / "run.yml"
     data = yaml.safe_load(run_yml.read_text())
-    data["lab_run_config"]["num-server-rounds"] = 3
+    # Eight local epochs: the victim trains a few seconds per round even on an idle machine (two take it
+    # about one), so the kill below lands inside its round-2 training, not between two rounds.
+    data["lab_run_config"].update({"num-server-rounds": 3, "local-epochs": 8})
     run_yml.write_text(yaml.safe_dump(data))
     before = run_ids()
+    since = f"{time.time():.3f}"
+
+    def clientapps_started() -> int:  # one per train message (static policy, no evaluate messages)
+        logs = subprocess.run(["docker", "logs", "--since", since, container], capture_output=True, text=True)
+        return (logs.stdout + logs.stderr).count("flwr-clientapp` process")
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         play = pool.submit(run_site, inventory_copy, "-e", "flower_run_policy=always", playbook="playbooks/run.yml")
-        run_id = wait_for("the run to start", lambda: [r for r in run_ids() if r not in before], timeout=300)[0]
-
-        wait_for("round 1 to end", lambda: rounds_recorded(run_id) >= 1, timeout=600, interval=1)
-        time.sleep(3)  # round 2's messages are out; the victim's trainer is busy with it
+        run_id = wait_for(
+            "the run to start", lambda: [r for r in run_ids() if r not in before], timeout=300, interval=1
+        )[0]
+        wait_for(f"{victim} to receive round 2", lambda: clientapps_started() >= 2, timeout=600, interval=0.3)
+        time.sleep(1.5)  # its ClientApp has handed the message to the warm trainer, which trains for seconds
         os.kill(inspect(container)["State"]["Pid"], signal.SIGKILL)
         proc = play.result(timeout=1800)
     assert proc.returncode == 0, "the run must complete without the killed client's round-2 reply"
