@@ -24,9 +24,11 @@ def tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def run_site(inventory: Path, *extra: str, playbook: str = "site.yml") -> subprocess.CompletedProcess:
+def run_site(inventory: Path, *extra: str, playbook: str | tuple[str, ...] = "site.yml") -> subprocess.CompletedProcess:
+    """ansible-playbook of one playbook, or of several in one call (e.g. flower.yml then run.yml)."""
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    cmd = [tool("ansible-playbook"), playbook, "-i", str(inventory), *extra]
+    playbooks = (playbook,) if isinstance(playbook, str) else playbook
+    cmd = [tool("ansible-playbook"), *playbooks, "-i", str(inventory), *extra]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     print(f"$ {' '.join(cmd)}  ({time.monotonic() - started:.0f} s, rc={proc.returncode})")

@@ -43,6 +43,9 @@ sys.path.insert(0, str(ROOT / "roles" / "lab_common" / "filter_plugins"))
 from lab_clients import lab_clients as effective_clients  # noqa: E402
 
 SUPERLINK = "flowerlab-superlink"
+# The Flower part of site.yml and a run, in one ansible-playbook call: for tests that change SuperNodes
+# and start a run, without the engine, images and monitoring plays that have nothing to do.
+FLOWER_AND_RUN = ("playbooks/flower.yml", "playbooks/run.yml")
 
 
 def flwr_runs() -> list[dict]:
@@ -237,7 +240,6 @@ def test_a_broken_inventory_fails_before_any_change(lab, inventory_copy):
 
 
 def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
-    # flower_run_policy=never: a new configuration would otherwise start a new run (policy once).
     hostvars = inventory_vars(LOCAL_INVENTORY)["localhost"]
     tiers = hostvars["lab_tiers"]
     target = hostvars["lab_clients"][0]
@@ -248,7 +250,8 @@ def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
     data["lab_clients"][0]["tier"] = new_tier
     host_vars.write_text(yaml.safe_dump(data))
     before = lab_containers()
-    proc = run_site(inventory_copy, "-e", "flower_run_policy=never")
+    # The Flower part alone (playbooks/flower.yml): a tier is a SuperNode's business, and no run starts.
+    proc = run_site(inventory_copy, playbook="playbooks/flower.yml")
     assert proc.returncode == 0
     after = lab_containers()
     changed = {name for name in before if before[name] != after.get(name)}
@@ -257,7 +260,7 @@ def test_changing_a_tier_changes_exactly_that_client(lab, inventory_copy):
     assert host_config["NanoCpus"] == round(float(tiers[new_tier]["cpus"]) * 1e9)
     assert host_config["Memory"] == parse_memory(tiers[new_tier]["memory"])
     # Back to the inventory as committed: that container returns to its own tier.
-    assert run_site(LOCAL_INVENTORY, "-e", "flower_run_policy=never").returncode == 0
+    assert run_site(LOCAL_INVENTORY, playbook="playbooks/flower.yml").returncode == 0
     restored = inspect(f"flowerlab-supernode-{target['name']}")["HostConfig"]
     assert restored["NanoCpus"] == round(float(tiers[target["tier"]]["cpus"]) * 1e9)
 
@@ -474,7 +477,8 @@ def test_a_client_killed_in_a_round_restarts_rejoins_and_the_run_completes(lab, 
 def test_a_client_without_enough_memory_is_oom_killed_and_says_so(lab, inventory_copy):
     """client-a limited to 700 MiB (training peaks near 1.05 GiB): the kernel OOM-kills its trainer in every
     round; the run goes on with the others and completes, the history names the OOM kill, and the app's own
-    metrics fire FlowerClientOutOfMemory (no cAdvisor needed). The next test's site.yml restores the limit."""
+    metrics fire FlowerClientOutOfMemory (no cAdvisor needed). The SuperNodes and the run are the Flower part
+    alone (flower.yml, then run.yml); the next test's flower.yml restores the limit."""
     host_vars = inventory_copy / "host_vars" / "localhost.yml"
     data = yaml.safe_load(host_vars.read_text())
     for client in data["lab_clients"]:
@@ -486,7 +490,7 @@ def test_a_client_without_enough_memory_is_oom_killed_and_says_so(lab, inventory
     config["lab_run_config"]["num-server-rounds"] = 2
     run_yml.write_text(yaml.safe_dump(config))
     before = run_ids()
-    proc = run_site(inventory_copy, "-e", "flower_run_policy=always")
+    proc = run_site(inventory_copy, "-e", "flower_run_policy=always", playbook=FLOWER_AND_RUN)
     assert proc.returncode == 0, "the run goes on with the clients that have enough memory"
     [run_id] = [r for r in run_ids() if r not in before]
     hist = history(run_id)
@@ -527,11 +531,19 @@ def busy_machine(tmp_path):
 
 def test_a_run_completes_on_a_busy_machine(lab, busy_machine):
     """Four rounds (accuracy 0.81 on this seeded data; three reach only 0.49) while every core is taken
-    and a disk writes."""
+    and a disk writes. The SuperNodes (back to the committed inventory after the OOM test) and the run are
+    deployed under that load too (flower.yml, then run.yml)."""
     load_before = os.getloadavg()[0]
     before = run_ids()
     config = {**inventory_vars(LOCAL_INVENTORY)["localhost"]["lab_run_config"], "num-server-rounds": 4}
-    proc = run_site(LOCAL_INVENTORY, "-e", "flower_run_policy=always", "-e", json.dumps({"lab_run_config": config}))
+    proc = run_site(
+        LOCAL_INVENTORY,
+        "-e",
+        "flower_run_policy=always",
+        "-e",
+        json.dumps({"lab_run_config": config}),
+        playbook=FLOWER_AND_RUN,
+    )
     load_during = os.getloadavg()[0]
     assert proc.returncode == 0, "the run on a busy machine failed"
     new = [r for r in run_ids() if r not in before]
