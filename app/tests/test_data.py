@@ -80,7 +80,14 @@ def test_missing_manifest_names_the_prepare_command(tmp_path):
 
 
 def test_unreachable_hub_names_the_offline_options(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    # HF_HUB_OFFLINE is read when these modules are imported (an earlier test may have imported them):
+    # without their flags the Hub is really dialled, and the test waits for its timeouts.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(data.DataUnavailable, match="offline:digits.*parquet:.*imagefolder:"):
         data.prepare("uoft-cs/cifar10", 2, "iid", 0.5, 1, tmp_path)
 
