@@ -475,10 +475,11 @@ def test_a_client_killed_in_a_round_restarts_rejoins_and_the_run_completes(lab, 
 
 
 def test_a_client_without_enough_memory_is_oom_killed_and_says_so(lab, inventory_copy):
-    """client-a limited to 700 MiB (training peaks near 1.05 GiB): the kernel OOM-kills its trainer in every
-    round; the run goes on with the others and completes, the history names the OOM kill, and the app's own
-    metrics fire FlowerClientOutOfMemory (no cAdvisor needed). The SuperNodes and the run are the Flower part
-    alone (flower.yml, then run.yml); the next test's flower.yml restores the limit."""
+    """client-a limited to 700 MiB (training peaks near 1.05 GiB): the kernel OOM-kills its trainer and
+    client-a fails every round; the run goes on with the others and completes, the history names the OOM
+    kill, and the app's own metrics fire FlowerClientOutOfMemory (no cAdvisor needed). The SuperNodes and
+    the run are the Flower part alone (flower.yml, then run.yml); the next test's flower.yml restores the
+    limit."""
     host_vars = inventory_copy / "host_vars" / "localhost.yml"
     data = yaml.safe_load(host_vars.read_text())
     for client in data["lab_clients"]:
@@ -495,10 +496,17 @@ def test_a_client_without_enough_memory_is_oom_killed_and_says_so(lab, inventory
     [run_id] = [r for r in run_ids() if r not in before]
     hist = history(run_id)
     assert hist["status"] == "completed"
+    failures = []
     for rnd in hist["rounds"]:
         assert set(rnd["clients"]) == set(lab["clients"]) - {"client-a"}, rnd["clients"].keys()
-        [failure] = [f for f in rnd["failed"] if f["client"] == "client-a"]
-        assert failure["oom_kills"] >= 1 and "out of memory" in failure["error"], failure
+        failures += [f for f in rnd["failed"] if f["client"] == "client-a"]
+    assert len(failures) == len(hist["rounds"]), hist["rounds"]
+    oom_named = [f for f in failures if f.get("oom_kills", 0) >= 1 and "out of memory" in f["error"]]
+    assert oom_named, failures
+    # On a loaded machine a SuperNode starved of memory can miss its heartbeats before the kernel kills
+    # its trainer: that round's reply is "Node Unavailable" (seen in a full test run beside Molecule).
+    for failure in failures:
+        assert failure in oom_named or "Node Unavailable" in failure["error"], failure
     assert inspect("flowerlab-supernode-client-a")["HostConfig"]["Memory"] == 700 * 2**20
 
     def oom_alert():
@@ -508,9 +516,9 @@ def test_a_client_without_enough_memory_is_oom_killed_and_says_so(lab, inventory
 
     def oom_failures_scraped():  # the run's count as Prometheus scraped it last (every 15 s)
         series = prom_query("flowerlab_oom_failed_replies")
-        return series and float(series[0]["value"][1]) == len(hist["rounds"])
+        return series and float(series[0]["value"][1]) == len(oom_named)
 
-    wait_for("flowerlab_oom_failed_replies to count every round", oom_failures_scraped, timeout=90, interval=5)
+    wait_for("flowerlab_oom_failed_replies to count the OOM-named replies", oom_failures_scraped, timeout=90)
 
 
 @pytest.fixture
@@ -599,15 +607,15 @@ def test_a_superlink_restarted_in_a_run_reports_it_failed_and_the_lab_recovers(l
 
 
 def test_a_failed_run_is_reported_and_started_again(lab, inventory_copy):
-    """fail-at-round makes the ServerApp fail in round 2: metrics, alert, summary say so; `once` retries
-    (`playbooks/run.yml`)."""
+    """fail-at-round makes the ServerApp fail in round 2: metrics, alert, summary say so (the run and the
+    summary: `playbooks/run.yml` then `playbooks/summary.yml`); `once` retries (`playbooks/run.yml`)."""
     run_yml = inventory_copy / "group_vars" / "all" / "run.yml"
     data = yaml.safe_load(run_yml.read_text())
     data["lab_run_config"]["fail-at-round"] = 2
     data["lab_run_config"]["num-server-rounds"] = 3
     run_yml.write_text(yaml.safe_dump(data))
     before = run_ids()
-    proc = run_site(inventory_copy)
+    proc = run_site(inventory_copy, playbook=("playbooks/run.yml", "playbooks/summary.yml"))
     assert proc.returncode != 0, "a failed run must fail the play (after the summary)"
     failed = [r for r in run_ids() if r not in before]
     assert len(failed) == 1
