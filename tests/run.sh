@@ -14,10 +14,11 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 all_stages=(setup lint unit app-e2e images lab-e2e molecule)
-# Every role's scenario and the multi-host lab. Side by side with lab-e2e, the first group runs
-# after lab-e2e and the second beside it (lanes of about equal time on 2 cores, as measured).
-molecule_after_lab_e2e=(lab_common cadvisor lab_preflight)
-molecule_beside=(prometheus grafana flower_superlink flower_supernodes lab_images docker node_exporter lab)
+# Every role's scenario (the three Flower roles share flower_supernodes) and the multi-host lab.
+# Side by side with lab-e2e, the first group runs after lab-e2e and the second beside it (lanes of
+# about equal time on 2 cores, as measured).
+molecule_after_lab_e2e=(lab_common)
+molecule_beside=(prometheus grafana flower_supernodes lab_images docker node_exporter lab lab_preflight cadvisor)
 molecule_scenarios=("${molecule_after_lab_e2e[@]}" "${molecule_beside[@]}")
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
