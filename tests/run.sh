@@ -5,17 +5,21 @@
 # Each stage's output is also kept in .cache/test-logs/<stage>.log; for a failed stage the lines
 # that say what failed (pytest's FAILED/E lines, Ansible's fatal lines) are repeated before the
 # timings, so the end of the output is enough to know why.
-# Every stage asked for: after setup, two lanes share the machine (see "Lanes" below) and their logs
-# are printed when both have ended. FLOWERLAB_TEST_SERIAL=1 runs the stages one after the other.
+# lab-e2e and molecule, when both are asked for, run side by side (they share nothing but the
+# machine and the images, which the images stage builds first): most Molecule scenarios beside
+# lab-e2e, the rest after it; their logs are printed when both have ended.
+# FLOWERLAB_TEST_SERIAL=1 runs them one after the other.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
 all_stages=(setup lint unit app-e2e images lab-e2e molecule)
-# Every role's scenario (the three Flower roles share flower_supernodes) and the multi-host lab, the
-# longest first (as measured), so that the lanes, which take them in this order, end close together.
-molecule_scenarios=(lab flower_supernodes lab_images prometheus grafana lab_common node_exporter cadvisor docker
-                    lab_preflight)
+# Every role's scenario (the three Flower roles share flower_supernodes) and the multi-host lab.
+# Side by side with lab-e2e, the first group runs after lab-e2e and the second beside it (lanes of
+# about equal time on 2 cores, as measured).
+molecule_after_lab_e2e=(lab_common)
+molecule_beside=(prometheus grafana flower_supernodes lab_images docker node_exporter lab lab_preflight cadvisor)
+molecule_scenarios=("${molecule_after_lab_e2e[@]}" "${molecule_beside[@]}")
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
 
@@ -68,15 +72,10 @@ record() {  # stage, exit status, seconds
   fi
   echo "${report[-1]}"
 }
-# Lanes (every stage asked for and FLOWERLAB_TEST_SERIAL unset): after setup, one lane runs images then
-# lab-e2e, the other lint, unit and app-e2e (which need no image); then each lane takes the next Molecule
-# scenario from a shared queue until none is left (the second lane waits for images first).
-lanes=0
-if [ "${FLOWERLAB_TEST_SERIAL:-0}" != 1 ]; then
-  lanes=1
-  for stage in lint unit app-e2e images lab-e2e molecule; do
-    [[ " ${stages[*]} " == *" $stage "* ]] || lanes=0
-  done
+side_by_side=0
+if [ "${FLOWERLAB_TEST_SERIAL:-0}" != 1 ] && [[ " ${stages[*]} " == *" lab-e2e "* ]] \
+   && [[ " ${stages[*]} " == *" molecule "* ]]; then
+  side_by_side=1
 fi
 for stage in "${stages[@]}"; do
   fn="stage_${stage//-/_}"
@@ -84,59 +83,32 @@ for stage in "${stages[@]}"; do
     echo "tests/run.sh: unknown stage '$stage' (stages: ${all_stages[*]})" >&2; exit 2
   fi
 done
-logged() {  # log name, command...: runs it into .cache/test-logs/<name>.log, its "status seconds" in <name>.status
-  local name=$1 t0=$SECONDS; shift
-  "$@" > "$logs/$name.log" 2>&1
-  echo "$? $((SECONDS - t0))" > "$logs/$name.status"
-}
-queue="$logs/molecule.queue"
-next_scenario() {  # prints the next scenario of the queue and removes it (nothing when the queue is empty)
-  (
-    flock 9
-    head -n 1 "$queue"
-    sed -i 1d "$queue"
-  ) 9> "$queue.lock"
-}
-take_scenarios() {  # runs scenarios from the queue until it is empty; fails if one failed
-  local rc=0 s
-  while s=$(next_scenario) && [ -n "$s" ]; do
-    stage_molecule "$s" || rc=1
-  done
-  return $rc
-}
-lane_images_first() {
-  logged images stage_images
-  logged lab-e2e stage_lab_e2e
-  logged molecule-lane1 take_scenarios
-}
-lane_checks_first() {
-  local stage
-  for stage in lint unit app-e2e; do logged "$stage" "stage_${stage//-/_}"; done
-  while [ ! -f "$logs/images.status" ]; do sleep 5; done
-  logged molecule-lane2 take_scenarios
-}
 for stage in "${stages[@]}"; do
   fn="stage_${stage//-/_}"
-  if [ "$lanes" = 1 ] && [ "$stage" != setup ]; then
-    [ "$stage" = lint ] || continue  # the lanes run every stage after setup
-    echo "=== stages in two lanes: images, lab-e2e, then Molecule scenarios | lint, unit, app-e2e, then Molecule"
-    echo "    scenarios (logs in .cache/test-logs/, printed when both lanes have ended)"
+  if [ "$side_by_side" = 1 ] && [ "$stage" = molecule ]; then
+    continue  # ran beside lab-e2e
+  fi
+  if [ "$side_by_side" = 1 ] && [ "$stage" = lab-e2e ]; then
+    echo "=== stages lab-e2e and molecule, side by side (logs in .cache/test-logs/, printed when both end)"
     t0=$SECONDS
-    rm -f "$logs"/*.status "$logs"/molecule-lane*
-    printf '%s\n' "${molecule_scenarios[@]}" > "$queue"
-    lane_images_first & lane_checks_first & wait
-    cat "$logs/molecule-lane1.log" "$logs/molecule-lane2.log" > "$logs/molecule.log"
-    read -r rc1 _ < "$logs/molecule-lane1.status" || rc1=1
-    read -r rc2 _ < "$logs/molecule-lane2.status" || rc2=1
-    [ ! -s "$queue" ] || { echo "molecule: scenarios never taken: $(xargs < "$queue")" >> "$logs/molecule.log"; rc1=1; }
-    echo "$(( rc1 || rc2 )) $((SECONDS - t0))" > "$logs/molecule.status"
-    for s in lint unit app-e2e images lab-e2e molecule; do
+    rm -f "$logs"/*.status
+    (
+      stage_lab_e2e > "$logs/lab-e2e.log" 2>&1; echo "$? $((SECONDS - t0))" > "$logs/lab-e2e.status"
+      stage_molecule "${molecule_after_lab_e2e[@]}" > "$logs/molecule-after.log" 2>&1
+      echo $? > "$logs/molecule-after.status"
+    ) &
+    ( stage_molecule "${molecule_beside[@]}" > "$logs/molecule.log" 2>&1; echo $? > "$logs/molecule-beside.status" ) &
+    wait
+    cat "$logs/molecule-after.log" >> "$logs/molecule.log"
+    read -r rc_after < "$logs/molecule-after.status" || rc_after=1
+    read -r rc_beside < "$logs/molecule-beside.status" || rc_beside=1
+    echo "$(( rc_after || rc_beside )) $((SECONDS - t0))" > "$logs/molecule.status"
+    for s in lab-e2e molecule; do
       echo "=== stage $s (output)"
       cat "$logs/$s.log"
       read -r rc secs < "$logs/$s.status" || { rc=1; secs=$((SECONDS - t0)); }
       record "$s" "$rc" "$secs"
     done
-    echo "stages in two lanes: $((SECONDS - t0)) s in all"
     continue
   fi
   echo "=== stage $stage"
