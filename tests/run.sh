@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# The lab's test command. With no argument it runs every stage in order; name stages to run
-# only those, e.g. `tests/run.sh lint unit`. Each stage prints one timing line; the last line
-# counts the stages that passed and failed. Exit status is non-zero when any stage failed.
-# Each stage's output is also kept in .cache/test-logs/<stage>.log; for a failed stage the lines
-# that say what failed (pytest's FAILED/E lines, Ansible's fatal lines) are repeated before the
-# timings, so the end of the output is enough to know why.
-# lab-e2e and molecule, when both are asked for, run side by side (they share nothing but the
-# machine and the images, which the images stage builds first): most Molecule scenarios beside
-# lab-e2e, the rest after it; their logs are printed when both have ended.
-# FLOWERLAB_TEST_SERIAL=1 runs them one after the other.
+# The lab's test command. With no argument it runs every stage; name stages to run only those, e.g.
+# `tests/run.sh lint unit`, or one Molecule scenario as `molecule:lab`. Each stage (and each Molecule
+# scenario) prints one timing line; the last line counts those that passed and failed. Exit status is
+# non-zero when any failed.
+# Each stage's output is also kept in .cache/test-logs/<stage>.log; for a failed stage the lines that
+# say what failed (pytest's FAILED/E lines, Ansible's fatal lines) are repeated before the timings, so
+# the end of the output is enough to know why.
+# The stages run in the groups of `plan`, one group after another. The lanes of a group (split by `|`)
+# run side by side, each lane's stages one after another: on 2 cores, stages that leave a core idle
+# (the image builds, lint, unit) or that together fill both (lab-e2e beside Molecule) share the machine.
+# A group's logs are printed when all its lanes have ended. FLOWERLAB_TEST_SERIAL=1 runs every stage
+# one after another.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
+# Every role's scenario (the three Flower roles share flower_supernodes) and the multi-host lab. The
+# lanes of the last group take about equal time on 2 cores, as measured.
+plan=(
+  "setup"
+  "images | lint unit app-e2e"
+  "lab-e2e molecule:lab_common molecule:grafana | molecule:prometheus molecule:flower_supernodes molecule:lab_images molecule:docker molecule:node_exporter molecule:lab molecule:lab_preflight molecule:cadvisor"
+)
 all_stages=(setup lint unit app-e2e images lab-e2e molecule)
-# Every role's scenario (the three Flower roles share flower_supernodes) and the multi-host lab.
-# Side by side with lab-e2e, the first group runs after lab-e2e and the second beside it (lanes of
-# about equal time on 2 cores, as measured).
-molecule_after_lab_e2e=(lab_common)
-molecule_beside=(prometheus grafana flower_supernodes lab_images docker node_exporter lab lab_preflight cadvisor)
-molecule_scenarios=("${molecule_after_lab_e2e[@]}" "${molecule_beside[@]}")
-stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=("${all_stages[@]}")
 
 export PATH="$root/.venv/bin:$PATH"
 export ANSIBLE_CONFIG="$root/ansible.cfg"
@@ -44,23 +45,44 @@ stage_app_e2e() { pytest -q --durations=15 -m e2e app/tests; }
 # The lab's images, built once on this machine (when missing or stale) before the stages that use them.
 stage_images() { ansible-playbook playbooks/images.yml -i inventory/local; }
 stage_lab_e2e() { pytest -q --durations=30 tests/e2e; }
-stage_molecule() {  # [scenario ...] (default: every scenario)
-  local rc=0 s t0 scenarios=("$@")
-  [ ${#scenarios[@]} -gt 0 ] || scenarios=("${molecule_scenarios[@]}")
-  for s in "${scenarios[@]}"; do
-    t0=$SECONDS
-    if molecule test -s "$s"; then
-      echo "molecule: $s passed in $((SECONDS - t0)) s"
-    else
-      echo "molecule: $s FAILED after $((SECONDS - t0)) s"; rc=1
-    fi
+stage_molecule() { molecule test -s "$1"; }  # scenario
+
+# The stage names asked for (default: all), checked; `molecule` stands for every scenario of the plan.
+asked=("$@")
+[ ${#asked[@]} -gt 0 ] || asked=("${all_stages[@]}")
+planned=" $(printf '%s ' "${plan[@]}" | tr -d '|') "
+for stage in "${asked[@]}"; do
+  if [ "$stage" != molecule ] && [[ "$planned" != *" $stage "* ]]; then
+    echo "tests/run.sh: unknown stage '$stage' (stages: ${all_stages[*]}, or molecule:SCENARIO)" >&2; exit 2
+  fi
+done
+wanted() {  # stage
+  local s
+  for s in "${asked[@]}"; do
+    [ "$s" = "$1" ] || { [ "$s" = molecule ] && [[ "$1" == molecule:* ]]; } && return 0
   done
-  return $rc
+  return 1
+}
+
+run_stage() {  # stage [tee]: its output to its log (and to stdout with tee), "rc seconds" to its status
+  local t0=$SECONDS fn="stage_${1//-/_}" args=()
+  if [[ "$1" == molecule:* ]]; then fn=stage_molecule; args=("${1#molecule:}"); fi
+  if [ "${2:-}" = tee ]; then
+    "$fn" "${args[@]}" 2>&1 | tee "$logs/$1.log"
+  else
+    "$fn" "${args[@]}" > "$logs/$1.log" 2>&1
+  fi
+  echo "${PIPESTATUS[0]} $((SECONDS - t0))" > "$logs/$1.status"
+}
+record_stage() {  # stage: from its status (a lane that died before writing it: failed)
+  local rc secs
+  read -r rc secs < "$logs/$1.status" 2>/dev/null || { rc=1; secs=?; }
+  record "$1" "$rc" "$secs"
 }
 
 # What a failed stage's log says about the failure: at most 30 lines, the last ones.
 failure_lines() {
-  grep -E '^(FAILED|ERROR) |^E  |^fatal: |^failed: |FAILED after|Error: |error: ' "$1" | cut -c1-300 | tail -n 30
+  grep -E '^(FAILED|ERROR) |^E  |^fatal: |^failed: |Error: |error: ' "$1" | cut -c1-300 | tail -n 30
 }
 
 passed=0; failed=0; report=(); failed_stages=()
@@ -72,49 +94,46 @@ record() {  # stage, exit status, seconds
   fi
   echo "${report[-1]}"
 }
-side_by_side=0
-if [ "${FLOWERLAB_TEST_SERIAL:-0}" != 1 ] && [[ " ${stages[*]} " == *" lab-e2e "* ]] \
-   && [[ " ${stages[*]} " == *" molecule "* ]]; then
-  side_by_side=1
-fi
-for stage in "${stages[@]}"; do
-  fn="stage_${stage//-/_}"
-  if ! declare -F "$fn" >/dev/null; then
-    echo "tests/run.sh: unknown stage '$stage' (stages: ${all_stages[*]})" >&2; exit 2
+
+# The groups to run: each a list of lanes (stage lists) with only the stages asked for.
+groups=()
+for group in "${plan[@]}"; do
+  lanes=()
+  IFS='|' read -r -a parts <<< "$group"
+  for part in "${parts[@]}"; do
+    lane=()
+    for stage in $part; do wanted "$stage" && lane+=("$stage"); done
+    [ ${#lane[@]} -eq 0 ] || lanes+=("${lane[*]}")
+  done
+  [ ${#lanes[@]} -eq 0 ] && continue
+  if [ "${FLOWERLAB_TEST_SERIAL:-0}" = 1 ]; then
+    for lane in "${lanes[@]}"; do for stage in $lane; do groups+=("$stage"); done; done
+  else
+    groups+=("$(IFS='|'; echo "${lanes[*]}")")
   fi
 done
-for stage in "${stages[@]}"; do
-  fn="stage_${stage//-/_}"
-  if [ "$side_by_side" = 1 ] && [ "$stage" = molecule ]; then
-    continue  # ran beside lab-e2e
-  fi
-  if [ "$side_by_side" = 1 ] && [ "$stage" = lab-e2e ]; then
-    echo "=== stages lab-e2e and molecule, side by side (logs in .cache/test-logs/, printed when both end)"
-    t0=$SECONDS
-    rm -f "$logs"/*.status
-    (
-      stage_lab_e2e > "$logs/lab-e2e.log" 2>&1; echo "$? $((SECONDS - t0))" > "$logs/lab-e2e.status"
-      stage_molecule "${molecule_after_lab_e2e[@]}" > "$logs/molecule-after.log" 2>&1
-      echo $? > "$logs/molecule-after.status"
-    ) &
-    ( stage_molecule "${molecule_beside[@]}" > "$logs/molecule.log" 2>&1; echo $? > "$logs/molecule-beside.status" ) &
-    wait
-    cat "$logs/molecule-after.log" >> "$logs/molecule.log"
-    read -r rc_after < "$logs/molecule-after.status" || rc_after=1
-    read -r rc_beside < "$logs/molecule-beside.status" || rc_beside=1
-    echo "$(( rc_after || rc_beside )) $((SECONDS - t0))" > "$logs/molecule.status"
-    for s in lab-e2e molecule; do
-      echo "=== stage $s (output)"
-      cat "$logs/$s.log"
-      read -r rc secs < "$logs/$s.status" || { rc=1; secs=$((SECONDS - t0)); }
-      record "$s" "$rc" "$secs"
+
+for group in "${groups[@]}"; do
+  IFS='|' read -r -a lanes <<< "$group"
+  for stage in ${lanes[*]}; do rm -f "$logs/$stage.status"; done
+  if [ ${#lanes[@]} -eq 1 ]; then
+    for stage in ${lanes[0]}; do  # one lane: each stage's output as it comes
+      echo "=== stage $stage"
+      run_stage "$stage" tee
+      record_stage "$stage"
     done
     continue
   fi
-  echo "=== stage $stage"
-  t0=$SECONDS
-  "$fn" 2>&1 | tee "$logs/$stage.log"
-  record "$stage" "${PIPESTATUS[0]}" $((SECONDS - t0))
+  echo "=== side by side: $(printf '[%s] ' "${lanes[@]}")(logs in .cache/test-logs/, printed when all end)"
+  for lane in "${lanes[@]}"; do
+    ( for stage in $lane; do run_stage "$stage"; done ) &
+  done
+  wait
+  for stage in ${lanes[*]}; do
+    echo "=== stage $stage (output)"
+    cat "$logs/$stage.log"
+    record_stage "$stage"
+  done
 done
 for stage in "${failed_stages[@]}"; do
   echo "=== why $stage failed (from .cache/test-logs/$stage.log)"
@@ -122,9 +141,8 @@ for stage in "${failed_stages[@]}"; do
 done
 echo "=== timings"
 printf '%s\n' "${report[@]}"
-[ ! -f "$logs/molecule.log" ] || [[ " ${stages[*]} " != *" molecule "* ]] || grep -h '^molecule: ' "$logs/molecule.log"
 for stage in app-e2e lab-e2e; do  # pytest's --durations lines: where the end-to-end time goes
-  [[ " ${stages[*]} " != *" $stage "* ]] || [ ! -f "$logs/$stage.log" ] \
+  ! wanted "$stage" || [ ! -f "$logs/$stage.log" ] \
     || grep -E '^[0-9.]+s (setup|call|teardown) ' "$logs/$stage.log" | sed "s/^/$stage: /" | head -n 12
 done
 echo "stages: $passed passed, $failed failed"

@@ -27,7 +27,8 @@ stamp=.venv/.flowerlab-installed
 want=$(cat requirements.txt app/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python requirements into .venv"
-  .venv/bin/pip install -q -r requirements.txt -e ./app
+  # No byte-compiling of every installed module (about a minute of CPU): Python compiles what it imports.
+  .venv/bin/pip install -q --no-compile -r requirements.txt -e ./app
   echo "$want" > "$stamp"
 fi
 .venv/bin/ansible-galaxy collection install --offline -r requirements.yml >/dev/null
