@@ -153,6 +153,7 @@ def test_client_containers_carry_their_tier_limits(lab):
     for name, client in lab["clients"].items():
         host_config = inspect(f"flowerlab-supernode-{name}")["HostConfig"]
         assert host_config["NanoCpus"] == round(float(client["cpus"]) * 1e9), name
+        assert host_config["CpuShares"] == round(float(client["cpus"]) * 1024), name  # the tiers' order under load
         assert host_config["Memory"] == parse_memory(client["memory"]), name
         assert not any("docker.sock" in b for b in host_config.get("Binds") or []), name
 
@@ -500,6 +501,7 @@ def test_a_client_moved_to_a_tier_without_enough_memory_changes_alone_and_is_oom
     assert changed == {container}, changed
     host_config = inspect(container)["HostConfig"]
     assert host_config["NanoCpus"] == round(starved["cpus"] * 1e9)
+    assert host_config["CpuShares"] == round(starved["cpus"] * 1024)
     assert host_config["Memory"] == 700 * 2**20
 
     [run_id] = [r for r in run_ids() if r not in before]
@@ -535,6 +537,7 @@ def test_a_client_moved_to_a_tier_without_enough_memory_changes_alone_and_is_oom
     assert changed == {container}, changed
     restored = inspect(container)["HostConfig"]
     assert restored["NanoCpus"] == round(float(own["cpus"]) * 1e9)
+    assert restored["CpuShares"] == round(float(own["cpus"]) * 1024)
     assert restored["Memory"] == parse_memory(own["memory"])
 
 
