@@ -16,10 +16,11 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 # Every role's scenario (the three Flower roles share flower_supernodes) and the multi-host lab. The
-# lanes of the last group take about equal time on 2 cores, as measured.
+# lanes of a group take about equal time on 2 cores, as measured (each group's line says how busy the
+# cores were: a group far from 100% has room for more beside it).
 plan=(
   "setup"
-  "images | lint unit app-e2e"
+  "images lint | unit app-e2e"
   "lab-e2e molecule:lab_common molecule:grafana | molecule:prometheus molecule:flower_supernodes molecule:lab_images molecule:docker molecule:node_exporter molecule:lab molecule:lab_preflight molecule:cadvisor"
 )
 all_stages=(setup lint unit app-e2e images lab-e2e molecule)
@@ -113,8 +114,19 @@ for group in "${plan[@]}"; do
   fi
 done
 
+cpu_ticks() {  # busy and total jiffies of all cores since boot
+  awk '/^cpu /{t=0; for (i=2; i<=NF; i++) t+=$i; print t-$5-$6, t}' /proc/stat
+}
+group_line() {  # group, seconds, busy and total jiffies at its start
+  local busy total
+  read -r busy total < <(cpu_ticks)
+  report+=("group [$1]: $2 s, cores busy $(( (busy - $3) * 100 / (total - $4 > 0 ? total - $4 : 1) ))%")
+}
+
 for group in "${groups[@]}"; do
   IFS='|' read -r -a lanes <<< "$group"
+  group_t0=$SECONDS
+  read -r busy0 total0 < <(cpu_ticks)
   for stage in ${lanes[*]}; do rm -f "$logs/$stage.status"; done
   if [ ${#lanes[@]} -eq 1 ]; then
     for stage in ${lanes[0]}; do  # one lane: each stage's output as it comes
@@ -122,6 +134,7 @@ for group in "${groups[@]}"; do
       run_stage "$stage" tee
       record_stage "$stage"
     done
+    group_line "$group" $((SECONDS - group_t0)) "$busy0" "$total0"
     continue
   fi
   echo "=== side by side: $(printf '[%s] ' "${lanes[@]}")(logs in .cache/test-logs/, printed when all end)"
@@ -134,6 +147,7 @@ for group in "${groups[@]}"; do
     cat "$logs/$stage.log"
     record_stage "$stage"
   done
+  group_line "$group" $((SECONDS - group_t0)) "$busy0" "$total0"
 done
 for stage in "${failed_stages[@]}"; do
   echo "=== why $stage failed (from .cache/test-logs/$stage.log)"
