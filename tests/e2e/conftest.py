@@ -98,3 +98,9 @@ def inventory_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "inventory"
     shutil.copytree(LOCAL_INVENTORY, dest, symlinks=False)
     return dest
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "first_run: reads only the lab's first run (tests/run.sh runs these alone, stage lab-up)"
+    )
