@@ -4,6 +4,7 @@ then SuperNodes with an unregistered key or another CA are refused, and register
 key directory."""
 
 import csv
+import os
 import shutil
 import subprocess
 import time
@@ -46,10 +47,14 @@ def lasting(find, seconds: float = 5.0) -> list[str]:
 
 
 def flower_zombies() -> list[str]:
-    """Finished processes whose Flower parent never waited for them (state Z), as 'pid name (parent ...)'."""
+    """Finished processes whose Flower parent never waited for them (state Z), as 'pid name (parent ...)'.
+    Only this PID namespace's: the processes of a lab's containers on the same machine are not this test's."""
     found = []
+    own_namespace = os.readlink("/proc/self/ns/pid")
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
+            if os.readlink(status.parent / "ns" / "pid") != own_namespace:
+                continue
             fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
             if fields.get("State", "").startswith("Z"):
                 parent = (Path("/proc") / fields["PPid"].strip() / "cmdline").read_bytes().replace(b"\0", b" ")
