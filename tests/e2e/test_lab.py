@@ -488,8 +488,10 @@ def test_a_client_killed_in_a_round_restarts_rejoins_and_the_run_completes(lab, 
     lost = second["missing"] + [f["client"] for f in second["failed"]]
     assert victim in lost and victim not in second["clients"], second
     assert any(victim in r["clients"] for r in hist["rounds"][2:]), "the restarted client never trained again"
-    state = inspect(container)
-    assert state["RestartCount"] > restarts and state["State"]["Health"]["Status"] == "healthy", state["State"]
+    assert inspect(container)["RestartCount"] > restarts
+    # Its first healthcheck runs one lab_healthcheck_interval (30 s) after the restart.
+    wait_for(f"{container} to be healthy", lambda: inspect(container)["State"]["Health"]["Status"] == "healthy",
+             timeout=120, interval=3)  # fmt: skip
     assert registered_nodes() == nodes, "a restarted client must keep its node id"
     said = " ".join(proc.stdout.split())
     assert f"no reply from {victim}" in said or f"failed: {victim}" in said
@@ -640,7 +642,7 @@ def test_a_supernode_cut_off_from_the_superlink_turns_unhealthy_and_fires_client
             said = (health.get("Log") or [{}])[-1].get("Output", "")
             return health.get("Status") == "unhealthy" and "the SuperLink is out of reach" in said
 
-        wait_for(f"{container} to turn unhealthy and say why", unhealthy, timeout=120, interval=3)
+        wait_for(f"{container} to turn unhealthy and say why", unhealthy, timeout=180, interval=3)
 
         def alert():
             return [a for a in firing_alerts() if a["labels"]["alertname"] == "FlowerClientsMissing"]
