@@ -474,8 +474,9 @@ def test_a_client_killed_in_a_round_restarts_rejoins_and_the_run_completes(lab, 
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         play = pool.submit(run_site, inventory_copy, "-e", "flower_run_policy=always", playbook="playbooks/run.yml")
+        # (every look is a `flwr ls` in the SuperLink, a CLI start of about a CPU second)
         run_id = wait_for(
-            "the run to start", lambda: [r for r in run_ids() if r not in before], timeout=300, interval=1
+            "the run to start", lambda: [r for r in run_ids() if r not in before], timeout=300, interval=3
         )[0]
         wait_for(f"{victim} to receive round 2", lambda: clientapps_started() >= 2, timeout=600, interval=0.3)
         time.sleep(1.5)  # its ClientApp has handed the message to the warm trainer, which trains for seconds
