@@ -20,7 +20,8 @@ root=$PWD
 # cores were: a group far from 100% has room for more beside it).
 plan=(
   "setup"
-  "images lab-up | lint unit app-e2e"
+  "images lint | unit app-e2e"
+  "lab-up"
   "lab-e2e molecule:lab_common molecule:grafana molecule:lab_images molecule:cadvisor | molecule:prometheus molecule:flower_supernodes molecule:docker molecule:node_exporter molecule:lab molecule:lab_preflight"
 )
 all_stages=(setup lint unit app-e2e images lab-up lab-e2e molecule)
@@ -45,11 +46,9 @@ stage_unit() {
 stage_app_e2e() { pytest -q --durations=15 -m e2e app/tests; }
 # The lab's images, built once on this machine (when missing or stale) before the stages that use them.
 stage_images() { ansible-playbook playbooks/images.yml -i inventory/local; }
-# lab-up brings the lab up and checks its first run beside lint, unit and app-e2e only: the tiers' order in
-# fit seconds holds beside processes outside Docker (measured: CPU hogs on every core), not beside other
-# engines' containers (Molecule's), which share Docker's CPU cgroup with the SuperNodes. lab-e2e then runs
-# the other end-to-end tests on that lab, or all of them on a lab of its own when lab-up was not run (or
-# failed) in this call.
+# lab-up brings the lab up with nothing else running and checks its first run (the tiers' order in fit
+# seconds holds only on a machine the lab has to itself); lab-e2e then runs the other end-to-end tests on
+# that lab, or all of them on a lab of its own when lab-up was not run (or failed) in this call.
 stage_lab_up() { pytest -q --durations=30 -m first_run tests/e2e; }
 stage_lab_e2e() {
   if wanted lab-up && [ "$(cut -d' ' -f1 "$logs/lab-up.status" 2>/dev/null)" = 0 ]; then

@@ -102,5 +102,5 @@ def inventory_copy(tmp_path: Path) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "first_run: reads only the lab's first run (tests/run.sh: stage lab-up, not beside Molecule)"
+        "markers", "first_run: reads only the lab's first run (tests/run.sh runs these alone, stage lab-up)"
     )
