@@ -46,13 +46,14 @@ stage_unit() {
 stage_app_e2e() { pytest -q --durations=15 -m e2e app/tests; }
 # The lab's images, built once on this machine (when missing or stale) before the stages that use them.
 stage_images() { ansible-playbook playbooks/images.yml -i inventory/local; }
-# lab-up brings the lab up with nothing else running and checks its first run (the tiers' order in fit
-# seconds holds only on a machine the lab has to itself); lab-e2e then runs the other end-to-end tests on
-# that lab, or all of them on a lab of its own when lab-up was not run (or failed) in this call.
-stage_lab_up() { pytest -q --durations=30 -m first_run tests/e2e; }
+# lab-up brings the lab up with nothing else running and runs the tests that need the machine to
+# themselves (marked lab_up: the first run's tiers, a second site.yml, a run under a known load); lab-e2e
+# then runs the other end-to-end tests on that lab, or all of them on a lab of its own when lab-up was not
+# run (or failed) in this call.
+stage_lab_up() { pytest -q --durations=30 -m lab_up tests/e2e; }
 stage_lab_e2e() {
   if wanted lab-up && [ "$(cut -d' ' -f1 "$logs/lab-up.status" 2>/dev/null)" = 0 ]; then
-    FLOWERLAB_E2E_LAB_UP=1 pytest -q --durations=30 -m "not first_run" tests/e2e
+    FLOWERLAB_E2E_LAB_UP=1 pytest -q --durations=30 -m "not lab_up" tests/e2e
   else
     pytest -q --durations=30 tests/e2e
   fi

@@ -102,5 +102,7 @@ def inventory_copy(tmp_path: Path) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "first_run: reads only the lab's first run (tests/run.sh runs these alone, stage lab-up)"
+        "markers",
+        "lab_up: needs the machine to itself (tests/run.sh runs these alone, stage lab-up): the first run,"
+        " the second site.yml, the run on a busy machine",
     )
