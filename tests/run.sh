@@ -17,12 +17,14 @@ root=$PWD
 
 # Every role's scenario (the three Flower roles share flower_supernodes) and the multi-host lab. The
 # lanes of a group take about equal time on 2 cores, as measured (each group's line says how busy the
-# cores were: a group far from 100% has room for more beside it).
+# cores were: a group far from 100% has room for more beside it). The two scenarios that run Flower in
+# Docker-in-Docker hosts (lab about 1060 s alone, flower_supernodes about 600 s) share one lane, the end-to-end tests and the others
+# the other.
 plan=(
   "setup"
   "images lint | unit app-e2e"
   "lab-up"
-  "lab-e2e molecule:lab_common molecule:grafana molecule:lab_images molecule:cadvisor | molecule:prometheus molecule:flower_supernodes molecule:docker molecule:node_exporter molecule:lab molecule:lab_preflight"
+  "lab-e2e molecule:prometheus molecule:docker molecule:node_exporter molecule:lab_common molecule:grafana molecule:lab_images molecule:cadvisor | molecule:flower_supernodes molecule:lab molecule:lab_preflight"
 )
 all_stages=(setup lint unit app-e2e images lab-up lab-e2e molecule)
 
