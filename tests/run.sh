@@ -19,8 +19,8 @@ root=$PWD
 # lanes of a group take about equal time on 2 cores, as measured (each group's line says how busy the
 # cores were: a group far from 100% has room for more beside it). In the last group, measured side by
 # side: lab-e2e 2621 s and prometheus 404 s in one lane, flower_supernodes 1172 s, lab 1624 s and
-# lab_preflight 245 s in the other; the six smaller scenarios (80 to 250 s each, run alone) are shared out so that
-# neither lane runs long alone.
+# lab_preflight 245 s in the other; the six smaller scenarios (80 to 250 s each, run alone) are shared
+# out so that neither lane runs long alone.
 plan=(
   "setup"
   "images lint | unit app-e2e"
