@@ -15,7 +15,7 @@ itself: on a machine busy with other work a container's --cpus is a ceiling only
 the tiers can come out in any order (in a run beside Molecule the 0.5-cpu tier's median was 2.3 s, the
 1-cpu tier's 2.9 s; beside lint, unit and app-e2e, whose processes run outside Docker, the order held in
 three runs and failed in a fourth: 0.5-cpu 5.29 s, 1-cpu 5.33 s). The busy machine is a known load, a
-hog per core and a disk writer: alone it took 180 to 250 s; beside Molecule, whose work its hogs
+hog per core and a disk writer: alone it took 130 to 250 s; beside Molecule, whose work its hogs
 slowed as well, 868 s. The second site.yml comes before it, while the marked run is still site.yml's.
 """
 
