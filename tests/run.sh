@@ -17,9 +17,9 @@ root=$PWD
 
 # Every role's scenario (the Flower roles' is the multi-host lab). The lanes of a group take about equal
 # time on 2 cores, as measured (each group's line says how busy the cores were: a group far from 100%
-# has room for more beside it). In the last group, measured side by side: lab-e2e about 2600 s, the
-# lab scenario about 1600 s; the smaller scenarios (80 to 400 s each) are shared out so that neither
-# lane runs long alone.
+# has room for more beside it). In the last group, measured side by side: lab-e2e 1790 s, the lab
+# scenario 1289 s; the smaller scenarios (87 to 284 s each) are shared out so that the lanes took
+# 2184 s and 2197 s.
 plan=(
   "setup"
   "images lint | unit app-e2e"
