@@ -628,7 +628,12 @@ def test_a_supernode_cut_off_from_the_superlink_turns_unhealthy_and_fires_client
     victim = "client-b"
     container = f"flowerlab-supernode-{victim}"
     network = inspect("flowerlab-superlink")["HostConfig"]["NetworkMode"]
-    nodes = registered_nodes()
+
+    def all_online():  # (the test before recreated client-a: flower.yml ends once its healthcheck passes)
+        found = registered_nodes()
+        return found if sorted(found.values()) == ["online"] * len(lab["clients"]) else None
+
+    nodes = wait_for("every client online at the SuperLink", all_online, timeout=120, interval=3)
     run_yml = inventory_copy / "group_vars" / "all" / "run.yml"
     data = yaml.safe_load(run_yml.read_text())
     data["lab_run_config"]["num-server-rounds"] = 4
