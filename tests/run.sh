@@ -18,10 +18,11 @@ root=$PWD
 # Every role's scenario (the Flower roles' is the multi-host lab). The lanes of a group take about equal
 # time on 2 cores, as measured (each group's line says how busy the cores were: a group far from 100%
 # has room for more beside it). Beside unit and app-e2e, images and lint left a core idle for about
-# 270 s (442 s at 63 %): three small scenarios take it. In the last group, at the last three full
-# measures: lab-e2e 1467 to 1628 s, the lab scenario 904 to 1016 s; the other scenarios (80 to 200 s
-# each) are shared out so that the lanes come out about equal (1628 | 1716 s and 1467 | 1571 s with
-# node_exporter in the lab scenario's lane; 1564 | 1442 s with it in lab-e2e's).
+# 270 s (442 s at 63 %): three small scenarios take it. In the last group, at the last five full
+# measures: lab-e2e 1418 to 1628 s, the lab scenario 766 to 1016 s; the other scenarios (70 to 200 s
+# each) are shared out so that the lanes come out about equal (1418 | 1394 s, 1569 | 1583 s,
+# 1628 | 1716 s and 1467 | 1571 s with node_exporter in the lab scenario's lane; 1564 | 1442 s with it
+# in lab-e2e's).
 plan=(
   "setup"
   "images lint molecule:cadvisor molecule:lab_preflight molecule:docker | unit app-e2e"

@@ -28,11 +28,12 @@ want=$( (cat requirements.txt app/pyproject.toml requirements.yml; echo compiled
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python requirements into .venv"
   .venv/bin/pip install -q --no-compile -r requirements.txt -e ./app
-  # Byte-compiled once, here, on both cores: where PYTHONDONTWRITEBYTECODE is set (as on this project's
-  # CI machines) Python never caches what it compiles, and every ansible-playbook, module run, Molecule
-  # and pytest process compiled its imports again (30 command tasks: 18.6 s without, 9.2 s with; the
-  # lab-up stage 466 s without, 437 s with). The collections the lab does not use (all but
-  # requirements.yml's) are left out: half the files, about 20 s of the 40 it takes.
+  # Byte-compiled once, here, on both cores: where PYTHONDONTWRITEBYTECODE is set (as on the machines
+  # the README's test times were measured on) Python never caches what it compiles, and every
+  # ansible-playbook, module run, Molecule and pytest process compiled its imports again (30 command
+  # tasks: 18.6 s without, 9.2 s with; a whole tests/run.sh 2731 s without, 2500 s with). The collections
+  # the lab does not use (all but requirements.yml's) are left out: half the files, about 20 s of the 40
+  # it takes.
   used=$(sed -n 's/^ *- name: \([a-z_]*\)\.\([a-z_]*\)$/\1\/\2/p' requirements.yml | paste -sd'|')
   .venv/bin/python -m compileall -q -j 0 -x "ansible_collections/(?!($used)/)" .venv/lib/python3*/site-packages \
     >/dev/null
